@@ -1,0 +1,337 @@
+"""Typed, frozen configuration: base values, then a YAML file, then `key=value` overrides.
+
+Every section is a frozen dataclass. `load_config(path, overrides)` builds them from plain dicts and
+rejects an unknown key, a wrong type or an impossible value with a `ConfigError` whose message names
+the dotted key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or impossible; the message names key and file."""
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The LLaMA decoder (names follow Hugging Face's LlamaConfig)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 3200
+    intermediate_size: int = 8640
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Hugging Face's rope dict (`rope_type` or `type`, `factor`, ...); None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    param_dtype: DType = "float32"
+    dtype: DType = "float32"  # compute dtype
+    scan_layers: bool = True
+    # jax.checkpoint policy name for each scanned layer: none (no remat), full (save nothing),
+    # dots (save matmul outputs), dots_no_batch (save matmuls without batch dims).
+    remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Attention kernel: auto picks blockwise above `blockwise_threshold` tokens, else plain.
+    attention: Literal["auto", "plain", "blockwise", "cudnn"] = "auto"
+    blockwise_threshold: int = 4096
+    attention_block_size: int = 512
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self, where: str) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings", "attention_block_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{where}: model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}")
+        if self.dim_per_head % 2:
+            raise ConfigError(f"{where}: model.head_dim must be even for RoPE, got {self.dim_per_head}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"{where}: model.num_key_value_heads={self.kv_heads} does not divide "
+                f"model.num_attention_heads={self.num_attention_heads}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"{where}: model.rms_norm_eps and model.rope_theta must be positive")
+        if self.rope_scaling is not None:
+            from fot.model.rope import validate_rope_scaling
+
+            validate_rope_scaling(self.rope_scaling, self.dim_per_head, where)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """FoT memory layers (LongLLaMA's `mem_layers`, `mem_positionals`, `mem_dtype`, ...)."""
+
+    layers: tuple[int, ...] = ()  # 0-based indices of memory layers; empty = plain LLaMA
+    positionals: bool = True  # keys stored rotated at position 0; False = no RoPE in memory layers
+    dtype: DType = "bfloat16"  # storage dtype of memory keys/values
+    last_context_length: int = 1024  # tokens that go through the local cache in logits_long
+    capacity: int = 65536  # tokens per sequence per memory layer
+    on_full: Literal["error", "drop_oldest"] = "error"
+    retrieval: Literal["dense", "knn", "ivf"] = "dense"
+    knn_k: int = 128
+    ivf_clusters: int = 64  # approximate retrieval: clusters per head ...
+    ivf_probe: int = 8  # ... of which the nearest ones are searched
+    gate: bool = False  # Memorizing-Transformer sigmoid gate (ablation only)
+
+    def validate(self, where: str, model: ModelConfig) -> None:
+        for i in self.layers:
+            if not 0 <= i < model.num_hidden_layers:
+                raise ConfigError(
+                    f"{where}: memory.layers contains {i}, outside 0..{model.num_hidden_layers - 1}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{where}: memory.layers has duplicates: {list(self.layers)}")
+        for name in ("capacity", "knn_k", "ivf_clusters", "ivf_probe"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: memory.{name} must be positive, got {getattr(self, name)}")
+        if self.last_context_length < 0:
+            raise ConfigError(f"{where}: memory.last_context_length must be >= 0")
+        if self.ivf_probe > self.ivf_clusters:
+            raise ConfigError(f"{where}: memory.ivf_probe={self.ivf_probe} > memory.ivf_clusters="
+                              f"{self.ivf_clusters}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source: `builtin:stdlib`, `builtin:passkey`, a hub name or a local file."""
+
+    path: str = "builtin:stdlib"
+    name: str | None = None  # HF dataset config name
+    split: str = "train"
+    streaming: bool = False
+    text_column: str = "text"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    tokenizer: str = "byte"  # "byte", a SentencePiece .model file, or an HF tokenizer dir/name
+    min_doc_tokens: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # rows per step (each row is one window)
+    window: int | None = None  # tokens per row; None = model.max_position_embeddings
+    pack_size: int = 4  # k: consecutive windows of one document per pack
+    cross_batch_range: int = 3  # R: 0 = no crossbatch
+    stepping: bool = True
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    init_from: str | None = None  # HF dir/hub name or fot checkpoint; None = random init
+    seed: int = 0
+    run_dir: str = "runs/default"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+    def validate(self, where: str) -> None:
+        for name in ("steps", "batch_size", "pack_size", "grad_accum", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: train.{name} must be positive, got {getattr(self, name)}")
+        if self.cross_batch_range < 0:
+            raise ConfigError(f"{where}: train.cross_batch_range must be >= 0")
+        if self.batch_size % self.pack_size:
+            raise ConfigError(f"{where}: train.pack_size={self.pack_size} does not divide "
+                              f"train.batch_size={self.batch_size}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def validate(self, where: str = "<config>") -> "Config":
+        self.model.validate(where)
+        self.memory.validate(where, self.model)
+        self.train.validate(where)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with type checks that name the key.
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lists to tuples / dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, where, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        item = args[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            raise bad
+        return value
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build(cls: type, values: dict[str, Any], where: str = "<config>", prefix: str = "") -> Any:
+    """Make dataclass `cls` from `values`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(hints[k], v, key, where)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted `key=value` overrides (values parsed as YAML) in a nested dict, copying it."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def config_from_dict(values: dict[str, Any], where: str = "<dict>") -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    return build(Config, values, where).validate(where)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; validated and frozen."""
+    values: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{where}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if overrides:
+        values = apply_overrides(values, overrides)
+        where += " (with overrides " + " ".join(overrides) + ")"
+    return config_from_dict(values, where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,107 @@
+"""Attention as combinable softmax partials.
+
+Every source of keys (the causal local window, the FoT memory, crossbatch contexts, kNN-retrieved
+keys) produces a `Partial`: the running max `m`, the sum of exponentials `l` and the unnormalised
+output `o`, all float32. `combine` merges them into ONE softmax over the concatenation of all keys,
+which is exactly what FoT prescribes, and lets blockwise kernels and memory lookups stay independent.
+
+Shapes: queries [B, T, H, D]; keys/values [B, S, K, D] with K kv heads (GQA: H = K * G).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked rows give zeros instead of NaNs
+
+
+class Partial(NamedTuple):
+    o: jax.Array  # [B, T, H, D] float32, sum_j exp(s_j - m) v_j
+    m: jax.Array  # [B, T, H] float32, max score (NEG_INF if nothing visible)
+    l: jax.Array  # [B, T, H] float32, sum_j exp(s_j - m)
+
+
+def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, H, D] -> [B, T, K, G, D]."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+def scores_partial(s: jax.Array, mask: jax.Array | None, v: jax.Array, v_spec: str) -> Partial:
+    """Partial from scores s [B, T, K, G, S] (float32, already scaled), mask broadcastable to s.
+
+    `v_spec` is the einsum spec of v with the key axis named s (e.g. "bskd", or "btkgsd" for keys
+    gathered per query).
+    """
+    if mask is not None:
+        s = jnp.where(mask, s, NEG_INF)
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    l = jnp.sum(p, axis=-1)
+    o = jnp.einsum(f"btkgs,{v_spec}->btkgd", p, v.astype(jnp.float32))
+    b, t, k, g, d = o.shape
+    return Partial(o.reshape(b, t, k * g, d), m.reshape(b, t, k * g), l.reshape(b, t, k * g))
+
+
+def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> Partial:
+    """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S])."""
+    kv_heads = k.shape[2]
+    qg = group_queries(q, kv_heads).astype(jnp.float32)
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("btkgd,bskd->btkgs", qg, k.astype(jnp.float32)) * scale
+    return scores_partial(s, mask, v, "bskd")
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
+    """[B, T, 1, 1, S]: key visible iff its position <= the query's (and it is valid)."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    return mask[:, :, None, None, :]
+
+
+def combine(parts: list[Partial], dtype) -> jax.Array:
+    """Merge partials into the normalised output of one softmax over all their keys."""
+    m = parts[0].m
+    for p in parts[1:]:
+        m = jnp.maximum(m, p.m)
+    o = jnp.zeros_like(parts[0].o)
+    l = jnp.zeros_like(parts[0].l)
+    for p in parts:
+        c = jnp.exp(p.m - m)
+        o = o + p.o * c[..., None]
+        l = l + p.l * c
+    l = jnp.where(l == 0.0, 1.0, l)
+    return (o / l[..., None]).astype(dtype)
+
+
+def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                  k_valid: jax.Array | None = None, *, impl: str = "plain",
+                  block_size: int = 512) -> Partial:
+    """Causal attention of queries to local keys, masked by positions."""
+    if impl == "blockwise":
+        from fot.model.blockwise import blockwise_partial
+
+        return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size)
+    return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+           k_valid: jax.Array | None = None, *, extra: list[Partial] = (), gate: jax.Array | None = None,
+           impl: str = "plain", block_size: int = 512) -> jax.Array:
+    """Causal local attention plus any extra sources (memory), one softmax; returns [B, T, H, D].
+
+    With `gate` ([H] logits, the Memorizing-Transformer ablation) local and extra sources get separate
+    softmaxes mixed by sigmoid(gate) instead.
+    """
+    local = local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block_size)
+    if gate is None or not extra:
+        return combine([local, *extra], q.dtype)
+    g = jax.nn.sigmoid(gate.astype(jnp.float32))[:, None]
+    mixed = (1.0 - g) * combine([local], jnp.float32) + g * combine(list(extra), jnp.float32)
+    return mixed.astype(q.dtype)

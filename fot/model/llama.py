@@ -1,0 +1,256 @@
+"""The LLaMA / OpenLLaMA decoder in Flax NNX, with hooks for FoT memory layers.
+
+Parameter names mirror Hugging Face's `LlamaForCausalLM` so the weight mapping is a plain table
+(fot/convert.py). Layers are stacked along a leading `layers` axis and run with `jax.lax.scan` over
+the functional state (split/merge), one scan per run of consecutive layers of the same kind; memory
+layers, which call out to a memory source, run one by one between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fot.config import MemoryConfig, ModelConfig
+from fot.model import attention, rope
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    # Logical axis names only; fot/sharding.py maps them to a mesh when there is one.
+    return nnx.with_partitioning(nnx.initializers.normal(std), axes, eager_sharding=False)
+
+
+class KV(NamedTuple):
+    """Unrotated keys and values of some tokens: [B, S, K, D] each (stacked: [L, B, S, K, D])."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """What every layer needs about the local window of one call.
+
+    q_pos: [B, T] positions of the queries (RoPE and causal mask); k_pos / k_valid: [B, S] for the
+    keys the layer sees locally, which are the `past` keys (if any) followed by the T new ones.
+    """
+
+    q_pos: jax.Array
+    k_pos: jax.Array
+    k_valid: jax.Array | None
+    inv_freq: jax.Array
+    attention_factor: float
+    impl: str
+    block_size: int
+
+
+# A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values)
+#   -> (extra partials, optional gate logits [H]).
+MemoryFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[list[attention.Partial], jax.Array | None]]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig):
+        self.eps = eps
+        self.dtype = DTYPES[cfg.dtype]
+        self.weight = nnx.Param(jnp.ones((dim,), DTYPES[cfg.param_dtype]), out_sharding=("embed",),
+                               eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As Hugging Face: normalise in float32, cast back, then scale.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs, std: float = 0.02):
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=DTYPES[cfg.dtype],
+                      param_dtype=DTYPES[cfg.param_dtype], kernel_init=_init(std, axes), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+        self.heads, self.kv_heads, self.head_dim = h, k, d
+        self.q_proj = _linear(cfg, e, h * d, ("embed", "q_heads"), rngs)
+        self.k_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs)
+        self.v_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs)
+        self.o_proj = _linear(cfg, h * d, e, ("q_heads", "embed"), rngs)
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        return q, k, v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs)
+        self.up_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs)
+        self.down_proj = _linear(cfg, f, e, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, ctx: LocalContext, past: KV | None = None, *,
+                 use_rope: bool = True, memory: Callable | None = None) -> tuple[jax.Array, KV]:
+        """One decoder layer. Returns the new hidden states and this call's unrotated keys/values."""
+        q, k_new, v_new = self.self_attn.project(self.input_layernorm(x))
+        k, v = k_new, v_new
+        if past is not None:
+            k = jnp.concatenate([past.k.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past.v.astype(v.dtype), v], axis=1)
+        if use_rope:
+            q = rope.apply_rope(q, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.q_pos))
+            k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.k_pos))
+        extra, gate = memory(q, k_new, v_new) if memory is not None else ((), None)
+        out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
+                               gate=gate, impl=ctx.impl, block_size=ctx.block_size)
+        b, t = x.shape[:2]
+        x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, KV(k_new, v_new)
+
+
+class Llama(nnx.Module):
+    """Decoder-only LLaMA. `memory` config decides which layers are FoT memory layers."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig | None = None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.mem = mem or MemoryConfig()
+        pd = DTYPES[cfg.param_dtype]
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pd,
+            embedding_init=_init(0.02, ("vocab", "embed")), rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r: nnx.Rngs) -> Block:
+            return Block(cfg, r)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(
+            cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs)
+        if self.mem.gate and self.mem.layers:
+            self.mem_gate = nnx.Param(jnp.zeros((len(self.mem.layers), cfg.num_attention_heads), pd))
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def segments(self, with_memory: bool) -> list[tuple[int, int, int | None]]:
+        """Runs of layers as (start, stop, memory slot or None); memory layers stand alone when
+        they behave differently from plain ones (a memory source is given, or no RoPE)."""
+        special = {i: s for s, i in enumerate(self.mem.layers)} if (
+            with_memory or not self.mem.positionals) else {}
+        segs, start = [], 0
+        for i in range(self.cfg.num_hidden_layers + 1):
+            if i == self.cfg.num_hidden_layers or i in special:
+                if i > start:
+                    segs.append((start, i, None))
+                if i in special:
+                    segs.append((i, i + 1, special[i]))
+                start = i + 1
+        return segs
+
+    def context(self, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None,
+                rope_len: int | None = None) -> LocalContext:
+        s = k_pos.shape[1]
+        inv_freq, af = rope.rope_frequencies(self.cfg, rope_len or s)
+        impl = self.cfg.attention
+        if impl == "auto":
+            impl = "blockwise" if s > self.cfg.blockwise_threshold else "plain"
+        return LocalContext(q_pos, k_pos, k_valid, jnp.asarray(inv_freq), af, impl,
+                            self.cfg.attention_block_size)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(ids)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        x = self.norm(x)
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding.value.astype(x.dtype)
+            return jnp.einsum("bte,ve->btv", x, w).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+    def run_layers(self, x: jax.Array, ctx: LocalContext, past: KV | None = None,
+                   memory: MemoryFn | None = None, collect_kv: bool = False
+                   ) -> tuple[jax.Array, KV | None]:
+        """All decoder layers. past: stacked [L, B, P, K, D] local cache or None.
+
+        Returns hidden states and, if collect_kv, this call's unrotated keys/values per layer [L, ...].
+        """
+        graphdef, state = nnx.split(self.layers)
+        policy = REMAT_POLICIES.get(self.cfg.remat_policy)
+        kvs = []
+
+        def run_one(layer_state, h, p, use_rope=True, mem_fn=None):
+            block = nnx.merge(graphdef, layer_state)
+            return block(h, ctx, p, use_rope=use_rope, memory=mem_fn)
+
+        for start, stop, slot in self.segments(memory is not None):
+            seg_state = jax.tree.map(lambda a: a[start:stop], state)
+            seg_past = None if past is None else jax.tree.map(lambda a: a[start:stop], past)
+            if slot is not None:
+                one = jax.tree.map(lambda a: a[0], seg_state)
+                p = None if seg_past is None else jax.tree.map(lambda a: a[0], seg_past)
+                mem_fn = None if memory is None else (lambda q, k, v, s=slot: memory(s, q, k, v))
+                x, kv = run_one(one, x, p, self.mem.positionals, mem_fn)
+                kvs.append(jax.tree.map(lambda a: a[None], kv))
+                continue
+
+            def body(h, xs):
+                layer_state, p = xs
+                h, kv = run_one(layer_state, h, p)
+                return h, (kv if collect_kv else None)
+
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            if self.cfg.scan_layers:
+                x, seg_kv = jax.lax.scan(body, x, (seg_state, seg_past))
+            else:
+                outs = []
+                for i in range(stop - start):
+                    xs = jax.tree.map(lambda a: a[i], (seg_state, seg_past))
+                    x, kv = body(x, xs)
+                    outs.append(kv)
+                seg_kv = None if not collect_kv else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            kvs.append(seg_kv)
+        if not collect_kv:
+            return x, None
+        return x, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
+
+    def __call__(self, ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Full causal forward: logits [B, T, V] (float32)."""
+        b, t = ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        ctx = self.context(positions, positions, None)
+        x, _ = self.run_layers(self.embed(ids), ctx)
+        return self.head(x)
+
+
+def init_model(cfg: ModelConfig, mem: MemoryConfig | None = None, seed: int = 0) -> Llama:
+    return Llama(cfg, mem, rngs=nnx.Rngs(seed))
