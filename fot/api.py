@@ -46,3 +46,66 @@ class FotModel:
     def logits(self, input_ids) -> jax.Array:
         """Full causal forward: logits [batch, seq, vocab] in float32."""
         return _forward(self.module, self.check_ids(input_ids))
+
+    # -- long inputs with the FoT memory (fot/inference.py) --
+
+    def encode(self, text: str, bos: bool = True) -> np.ndarray:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids instead of text")
+        return np.asarray(self.tokenizer.encode(text, bos=bos), np.int32)[None]
+
+    def logits_long(self, input_ids, window: int | None = None,
+                    last_context_length: int | None = None) -> jax.Array:
+        """Logits [B, N, V] of a long input read window by window with the memory."""
+        from fot.inference import logits_long
+
+        return logits_long(self, input_ids, window, last_context_length)
+
+    def build_memory(self, document, window: int | None = None, last_context_length: int | None = None):
+        """Read a document (text or ids) once into a `fot.inference.Session` to question later."""
+        from fot.inference import build_memory
+
+        ids = self.encode(document) if isinstance(document, str) else document
+        return build_memory(self, ids, window, last_context_length)
+
+    def save_memory(self, session, path):
+        return session.save(path)
+
+    def load_memory(self, path):
+        from fot.inference import Session
+
+        return Session.load(self, path)
+
+    def stream(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, memory=None, **kw):
+        """Yield new tokens as they come: ids [B] for id prompts, text pieces for a text prompt.
+        `memory`: a session from build_memory/load_memory, read before the prompt (not changed)."""
+        from fot.inference import stream
+
+        if not isinstance(prompt, str):
+            yield from stream(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
+            return
+        ids, text = [], ""
+        for tok in stream(self, self.encode(prompt, bos=memory is None), max_new_tokens, temperature,
+                          top_p, seed, session=memory, **kw):
+            if int(tok[0]) == self.config.model.eos_token_id:
+                return
+            ids.append(int(tok[0]))
+            new = self.tokenizer.decode(ids)
+            yield new[len(text):]
+            text = new
+
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, memory=None, **kw):
+        """Generated ids [B, n] for id prompts, or the generated text for a text prompt."""
+        from fot.inference import generate
+
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, seed, memory, **kw))
+        return generate(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
+
+    def save(self, path, overwrite: bool = False):
+        """Write a fot checkpoint directory (config.yaml, orbax params/, tokenizer/), atomically."""
+        from fot.checkpoint import save_model
+
+        return save_model(self, path, overwrite)

@@ -99,7 +99,7 @@ class MemoryConfig:
     retrieval: Literal["dense", "knn", "ivf"] = "dense"
     knn_k: int = 128
     ivf_clusters: int = 64  # approximate retrieval: clusters per head ...
-    ivf_probe: int = 8  # ... of which the nearest ones are searched
+    ivf_probe: int = 8  # inverted lists searched (a big cluster spans several lists of mean size)
     gate: bool = False  # Memorizing-Transformer sigmoid gate (ablation only)
 
     def validate(self, where: str, model: ModelConfig) -> None:
@@ -114,9 +114,6 @@ class MemoryConfig:
                 raise ConfigError(f"{where}: memory.{name} must be positive, got {getattr(self, name)}")
         if self.last_context_length < 0:
             raise ConfigError(f"{where}: memory.last_context_length must be >= 0")
-        if self.ivf_probe > self.ivf_clusters:
-            raise ConfigError(f"{where}: memory.ivf_probe={self.ivf_probe} > memory.ivf_clusters="
-                              f"{self.ivf_clusters}")
 
 
 @dataclass(frozen=True)
@@ -128,15 +125,46 @@ class SourceConfig:
     split: str = "train"
     streaming: bool = False
     text_column: str = "text"
-    weight: float = 1.0
+    weight: float = 1.0  # relative probability that this source gives the next document
+    # Local text files: one document per "document" (whole file), "paragraph" or "line".
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    # Built-in sources only. builtin:stdlib keeps files of min_chars..max_chars bytes (None: no upper
+    # bound); builtin:passkey documents have a length uniform in min_chars..max_chars characters
+    # (None: 4 * min_chars).
+    min_chars: int = 2000
+    max_chars: int | None = None
+
+    def validate(self, where: str, key: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}: {key}.path is empty")
+        if self.path.startswith("builtin:") and self.path not in ("builtin:stdlib", "builtin:passkey"):
+            raise ConfigError(f"{where}: {key}.path = {self.path!r} is not a built-in source "
+                              f"(builtin:stdlib, builtin:passkey)")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}: {key}.weight must be positive, got {self.weight}")
+        if self.min_chars < 0:
+            raise ConfigError(f"{where}: {key}.min_chars must be >= 0, got {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < max(self.min_chars, 1):
+            raise ConfigError(f"{where}: {key}.max_chars={self.max_chars} is below "
+                              f"{key}.min_chars={self.min_chars}")
+        if self.path == "builtin:passkey" and self.min_chars < 1:
+            raise ConfigError(f"{where}: {key}.min_chars must be >= 1 for builtin:passkey")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
     tokenizer: str = "byte"  # "byte", a SentencePiece .model file, or an HF tokenizer dir/name
-    min_doc_tokens: int = 0
+    min_doc_tokens: int = 0  # documents with fewer tokens (BOS/EOS not counted) are skipped
     seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{where}: data.sources is empty")
+        for i, src in enumerate(self.sources):
+            src.validate(where, f"data.sources[{i}]")
+        if self.min_doc_tokens < 0:
+            raise ConfigError(f"{where}: data.min_doc_tokens must be >= 0, got {self.min_doc_tokens}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +224,7 @@ class Config:
         self.model.validate(where)
         self.memory.validate(where, self.model)
         self.train.validate(where)
+        self.data.validate(where)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -84,11 +84,19 @@ def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
                   k_valid: jax.Array | None = None, *, impl: str = "plain",
                   block_size: int = 512) -> Partial:
     """Causal attention of queries to local keys, masked by positions."""
-    if impl == "blockwise":
+    if impl in ("blockwise", "cudnn"):  # the fused cuDNN kernel yields no partial: blockwise instead
         from fot.model.blockwise import blockwise_partial
 
         return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size)
     return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid))
+
+
+def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN flash attention (GPU only, float16/bfloat16) for keys at the queries' own positions."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention='cudnn' needs a CUDA GPU, but the JAX backend is "
+                         f"{jax.default_backend()!r}; use 'auto' or 'blockwise'")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -99,6 +107,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     With `gate` ([H] logits, the Memorizing-Transformer ablation) local and extra sources get separate
     softmaxes mixed by sigmoid(gate) instead.
     """
+    if impl == "cudnn" and not extra and k_valid is None and q.shape[1] == k.shape[1]:
+        return fused_causal(q, k, v)
     local = local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block_size)
     if gate is None or not extra:
         return combine([local, *extra], q.dtype)

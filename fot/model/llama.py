@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fot import sharding
 from fot.config import MemoryConfig, ModelConfig
 from fot.model import attention, rope
 
@@ -118,6 +119,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, ctx: LocalContext, past: KV | None = None, *,
                  use_rope: bool = True, memory: Callable | None = None) -> tuple[jax.Array, KV]:
         """One decoder layer. Returns the new hidden states and this call's unrotated keys/values."""
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))  # no-op without a mesh
         q, k_new, v_new = self.self_attn.project(self.input_layernorm(x))
         k, v = k_new, v_new
         if past is not None:
@@ -132,7 +134,7 @@ class Block(nnx.Module):
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, KV(k_new, v_new)
+        return sharding.constrain(x, ("batch", "length", "act_embed")), KV(k_new, v_new)
 
 
 class Llama(nnx.Module):
@@ -186,7 +188,11 @@ class Llama(nnx.Module):
                             self.cfg.attention_block_size)
 
     def embed(self, ids: jax.Array) -> jax.Array:
-        return self.embed_tokens(ids)
+        # On a mesh: gather the sharded table whole first, like any FSDP weight (a lookup into a
+        # vocab-sharded table makes XLA replicate the looked-up activations instead).
+        table = sharding.constrain(self.embed_tokens.embedding[...], (None, None))
+        x = jnp.take(table, ids, axis=0).astype(DTYPES[self.cfg.dtype])
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
 
     def head(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)

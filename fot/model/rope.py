@@ -1,19 +1,45 @@
 """Rotary position embeddings in Hugging Face's half-split layout, and the RoPE-scaling baselines.
 
 `rope_frequencies(cfg, seq_len)` returns (inv_freq [head_dim/2], attention_factor), matching
-transformers' `ROPE_INIT_FUNCTIONS`. The attention factor multiplies cos and sin.
+transformers' `ROPE_INIT_FUNCTIONS` (float32 where transformers computes in float32, Python floats
+where it uses Python floats). The attention factor multiplies cos and sin.
+
+Types: default, linear (Position Interpolation), ntk (static NTK-aware: base * s^(d/(d-2))),
+dynamic (dynamic NTK; the base grows with the current length like transformers' dynamic update),
+yarn, llama3, longrope. The dict may be Hugging Face's old `rope_scaling` or new `rope_parameters`
+style (`rope_type` or `type`; a `rope_theta` inside it overrides model.rope_theta).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-
-def _default_inv_freq(base: float, dim: int) -> np.ndarray:
-    return 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+# Keys each type reads; `required` must be present (original_max_position_embeddings defaults to
+# model.max_position_embeddings, as transformers' standardize_rope_params does).
+_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "ntk": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor"),
+}
+_OPTIONAL = {
+    "default": (),
+    "linear": (),
+    "ntk": (),
+    "dynamic": (),
+    "yarn": ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+    "llama3": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings", "attention_factor", "factor"),
+}
+_COMMON = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:
@@ -25,22 +51,162 @@ def rope_type(scaling: dict[str, Any] | None) -> str:
 def validate_rope_scaling(scaling: dict[str, Any], head_dim: int, where: str) -> None:
     from fot.config import ConfigError
 
+    def fail(key: str, msg: str):
+        raise ConfigError(f"{where}: model.rope_scaling.{key} {msg}")
+
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: model.rope_scaling must be a mapping, got {type(scaling).__name__}")
     kind = rope_type(scaling)
-    if kind not in ("default", "linear"):
-        raise ConfigError(f"{where}: model.rope_scaling.rope_type = {kind!r} is not supported")
-    if kind == "linear" and float(scaling.get("factor", 0)) < 1:
-        raise ConfigError(f"{where}: model.rope_scaling.factor must be >= 1")
+    key = "rope_type" if "rope_type" in scaling else "type"
+    if kind not in _REQUIRED:
+        fail(key, f"= {kind!r} is not one of {sorted(_REQUIRED)}")
+    if "rope_type" in scaling and "type" in scaling and scaling["rope_type"] != scaling["type"]:
+        fail("type", f"= {scaling['type']!r} contradicts rope_type = {scaling['rope_type']!r}")
+    for k in scaling:
+        if k not in _REQUIRED[kind] + _OPTIONAL[kind] + _COMMON:
+            known = sorted(_REQUIRED[kind] + _OPTIONAL[kind])
+            fail(k, f"is not a key of rope type {kind!r} (known: {known})")
+    for k in _REQUIRED[kind]:
+        if scaling.get(k) is None:
+            fail(k, f"is required for rope type {kind!r}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        fail("partial_rotary_factor", "must be 1.0 (LLaMA rotates the whole head)")
+
+    def number(k: str) -> float | None:
+        v = scaling.get(k)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(k, f"must be a number, got {v!r}")
+        return float(v)
+
+    factor = number("factor")
+    if factor is not None and factor < 1:
+        fail("factor", f"must be >= 1, got {factor}")
+    for k in ("rope_theta", "attention_factor", "original_max_position_embeddings"):
+        v = number(k)
+        if v is not None and v <= 0:
+            fail(k, f"must be positive, got {v}")
+    for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        number(k)
+    if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
+        fail("truncate", f"must be true or false, got {scaling['truncate']!r}")
+    if kind == "llama3" and number("high_freq_factor") <= number("low_freq_factor"):
+        fail("high_freq_factor", f"must be > low_freq_factor, got {scaling['high_freq_factor']} <= "
+                                 f"{scaling['low_freq_factor']}")
+    for k in ("short_factor", "long_factor"):
+        if k in scaling:
+            v = scaling[k]
+            if not isinstance(v, (list, tuple)) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
+                fail(k, "must be a list of positive numbers")
+            if len(v) != head_dim // 2:
+                fail(k, f"must have head_dim/2 = {head_dim // 2} entries, got {len(v)}")
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    # float32 like transformers: exponents in float32, base rounded to float32.
+    return (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
+        np.float32)
+
+
+def _yarn(scaling: dict[str, Any], base: float, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    factor = float(scaling["factor"])
+    original = scaling.get("original_max_position_embeddings") or max_pos
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # The dimension whose wavelength fits `rotations` times into the original context.
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero, as transformers does
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency (high frequencies), 0: interpolate
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    inv_extra = 1.0 / pos_freqs
+    inv_inter = 1.0 / (np.float32(factor) * pos_freqs)
+    inv_freq = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def _llama3(scaling: dict[str, Any], base: float, dim: int, max_pos: int) -> np.ndarray:
+    inv_freq = _default_inv_freq(base, dim)
+    factor = np.float32(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = scaling.get("original_max_position_embeddings") or max_pos
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    # Between the two wavelengths: interpolate smoothly between scaled and unscaled.
+    smooth = ((np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _longrope(scaling: dict[str, Any], base: float, dim: int, max_pos: int,
+              seq_len: int | None) -> tuple[np.ndarray, float]:
+    original = scaling.get("original_max_position_embeddings") or max_pos
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    # transformers switches to the long factors once max(position) + 1 exceeds the original length.
+    ext = scaling["long_factor"] if seq_len and seq_len > original else scaling["short_factor"]
+    ext = np.asarray(ext, np.float32)
+    shape = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (1.0 / (ext * np.float32(base) ** shape)).astype(np.float32), float(attention_factor)
 
 
 def rope_frequencies(cfg, seq_len: int | None = None) -> tuple[np.ndarray, float]:
-    """Inverse frequencies and attention factor for `cfg` (a ModelConfig) at sequence length seq_len."""
+    """Inverse frequencies and attention factor for `cfg` (a ModelConfig).
+
+    seq_len is the current length, max(position) + 1 (None: at most max_position_embeddings); only
+    `dynamic` and `longrope` depend on it.
+    """
     dim = cfg.dim_per_head
-    inv_freq = _default_inv_freq(cfg.rope_theta, dim)
-    scaling = cfg.rope_scaling
+    scaling = cfg.rope_scaling or {}
     kind = rope_type(scaling)
+    base = float(scaling.get("rope_theta") or cfg.rope_theta)
+    max_pos = cfg.max_position_embeddings
+    if kind == "default":
+        return _default_inv_freq(base, dim), 1.0
     if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    return inv_freq, 1.0
+        return _default_inv_freq(base, dim) / np.float32(scaling["factor"]), 1.0
+    if kind == "ntk":
+        return _default_inv_freq(base * float(scaling["factor"]) ** (dim / (dim - 2)), dim), 1.0
+    if kind == "dynamic":
+        # As transformers: below max_position_embeddings the base is unchanged.
+        factor = float(scaling["factor"])
+        length = max(seq_len or max_pos, max_pos)
+        scaled = base * (factor * length / max_pos - (factor - 1)) ** (dim / (dim - 2))
+        return _default_inv_freq(scaled, dim), 1.0
+    if kind == "yarn":
+        return _yarn(scaling, base, dim, max_pos)
+    if kind == "llama3":
+        return _llama3(scaling, base, dim, max_pos), 1.0
+    if kind == "longrope":
+        return _longrope(scaling, base, dim, max_pos, seq_len)
+    raise ValueError(f"model.rope_scaling.rope_type = {kind!r} is not supported")
 
 
 def rope_tables(inv_freq: np.ndarray, attention_factor: float, positions: jnp.ndarray,

@@ -1,0 +1,152 @@
+"""fot checkpoint directories: a thin wrapper over orbax-checkpoint.
+
+Layout of a checkpoint directory:
+
+    config.yaml   the resolved Config (fot.config.save_config)
+    params/       orbax checkpoint of `nnx.state(module, nnx.Param)` as a plain nested dict
+                  (`State.to_pure_dict()`: {"embed_tokens": {"embedding": array}, "layers": ...})
+    tokenizer/    optional copy of the tokenizer: `tokenizer.model` (SentencePiece), an HF tokenizer
+                  directory, or an empty file `byte` for the byte-level tokenizer
+
+The training loop keeps the same `params` layout under orbax's CheckpointManager, so a training step
+directory restores with `restore_params` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fot.config import Config, load_config, save_config
+from fot.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from fot.model.llama import Llama
+
+CONFIG_FILE = "config.yaml"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or weight file is missing, malformed or disagrees with its config."""
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | Path, overwrite: bool = False):
+    """Yield a fresh temporary directory next to `dst`; rename it to `dst` only if the block succeeds.
+
+    A failure (or interrupt) removes the temporary directory, so `dst` is either complete or absent.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (refusing to overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():  # overwrite: move the old one aside first so dst is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def params_dict(module: nnx.Module) -> dict:
+    """The module's parameters as a plain nested dict of arrays (the checkpoint layout)."""
+    return nnx.state(module, nnx.Param).to_pure_dict()
+
+
+def save_tokenizer(tok: Tokenizer, dst: Path) -> None:
+    dst.mkdir()
+    if isinstance(tok, ByteTokenizer):
+        (dst / "byte").touch()
+    elif isinstance(tok, SentencePieceTokenizer):
+        shutil.copyfile(tok.path, dst / "tokenizer.model")
+    elif isinstance(tok, HFTokenizer):
+        tok.tok.save_pretrained(str(dst))
+    else:
+        raise CheckpointError(f"cannot save a tokenizer of type {type(tok).__name__}")
+
+
+def load_saved_tokenizer(src: Path) -> Tokenizer | None:
+    if not src.is_dir():
+        return None
+    if (src / "byte").is_file():
+        return ByteTokenizer()
+    return load_tokenizer(str(src))
+
+
+def save_model(model, path: str | Path, overwrite: bool = False) -> Path:
+    """Write `model` (a fot.api.FotModel) as a fot checkpoint directory, atomically."""
+    path = Path(path)
+    with atomic_dir(path, overwrite) as tmp:
+        save_config(model.config, tmp / CONFIG_FILE)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params_dict(model.module))
+            ckptr.wait_until_finished()
+        if model.tokenizer is not None:
+            save_tokenizer(model.tokenizer, tmp / TOKENIZER_DIR)
+    return path
+
+
+def restore_params(path: str | Path, abstract_state: nnx.State) -> nnx.State:
+    """Restore `path/params` into the structure, dtypes (and shardings) of `abstract_state`.
+
+    `abstract_state` is `nnx.state(abstract_module, nnx.Param)` of a module built with
+    `nnx.eval_shape`; its leaves may carry shardings, which the restored arrays then get. It is filled
+    in place and returned.
+    """
+    src = Path(path).absolute() / PARAMS_DIR
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no params checkpoint")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                          abstract_state.to_pure_dict())
+    with ocp.StandardCheckpointer() as ckptr:
+        _check_matches(src, _flat(ckptr.metadata(src).item_metadata.tree), _flat(target))
+        restored = ckptr.restore(src, target)
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return abstract_state
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v})
+    return out
+
+
+def _check_matches(src: Path, saved: dict, want: dict) -> None:
+    # Checked here so a config that disagrees with the weights gives one clear line, not orbax's dump.
+    for k in want:
+        if k not in saved:
+            raise CheckpointError(f"{src}: no tensor '{k}', which the config expects")
+        if tuple(saved[k].shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{src}: tensor '{k}' has shape {tuple(saved[k].shape)}, "
+                                  f"the config implies {tuple(want[k].shape)}")
+    extra = sorted(set(saved) - set(want))
+    if extra:
+        raise CheckpointError(f"{src}: unexpected tensor '{extra[0]}' (not a parameter for this config)")
+
+
+def load_checkpoint(path: str | Path, config: Config | None = None):
+    """A fot checkpoint directory -> FotModel. `config` (already resolved, e.g. with a new compute
+    dtype) replaces the saved one; its parameter shapes must match the saved ones."""
+    from fot.api import FotModel
+
+    path = Path(path)
+    cfg = config or load_config(path / CONFIG_FILE)
+    abstract = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    params = restore_params(path, params)
+    return FotModel(cfg, nnx.merge(graphdef, params, rest), load_saved_tokenizer(path / TOKENIZER_DIR))

@@ -1,0 +1,243 @@
+"""Text sources (built-in corpora, local files, Hugging Face hub datasets) and their seeded mixture.
+
+A source is read through a cursor at (epoch, position): finite random-access sources are visited in a
+fresh permutation each epoch, unbounded ones (builtin:passkey) by index, streaming datasets through
+`datasets`' seeded shuffle buffer. `DocStream` samples which source gives the next document with a
+seeded generator, tokenizes it as [BOS] text [EOS], skips documents shorter than `min_doc_tokens`, and
+fails (instead of looping) when a source has no document as long as the training window.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from fot.config import SourceConfig
+from fot.data.builtin import PasskeyCorpus, StdlibCorpus
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the source, file or column."""
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
+             ".csv": "csv"}
+UNBOUNDED_CHECK = 1000  # an unbounded source must give a window-long document among its first N
+
+
+def describe(cfg: SourceConfig) -> str:
+    extra = "".join(f", {k}={v!r}" for k, v in (("name", cfg.name), ("split", cfg.split)) if v)
+    return f"data source {cfg.path!r}{extra}"
+
+
+class Source:
+    """Random access: `length` documents per epoch (None = unbounded) read by `text(epoch, pos)`."""
+
+    random_access = True
+
+    def __init__(self, label: str, corpus: Any, length: int | None, seed: int):
+        self.label, self.corpus, self.length, self.seed = label, corpus, length, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def text(self, epoch: int, pos: int) -> str:
+        if self.length is None:
+            return self.corpus[pos]
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length))
+        return self.corpus[int(self._perm[1][pos])]
+
+
+class StreamSource:
+    """A streaming `datasets.IterableDataset`: sequential only, reshuffled (buffer) each epoch."""
+
+    random_access = False
+    length = None  # unknown until the epoch ends
+
+    def __init__(self, label: str, dataset: Any, column: str, seed: int, buffer_size: int = 10_000):
+        self.label, self.dataset, self.column = label, dataset, column
+        self.seed, self.buffer_size = seed, buffer_size
+
+    def texts(self, epoch: int, start: int) -> Iterator[str]:
+        ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+        ds.set_epoch(epoch)
+        for i, row in enumerate(ds):
+            if i == 0 and self.column not in row:
+                raise _missing_column(self.label, self.column, list(row))
+            if i >= start:
+                yield _as_text(row[self.column], self.label, self.column)
+
+
+def _missing_column(label: str, column: str, columns: list[str]) -> DataError:
+    return DataError(f"{label} has no text column {column!r} (its columns: {', '.join(columns)}); "
+                     f"set text_column")
+
+
+def open_source(cfg: SourceConfig, seed: int, where: str = "data.sources") -> Source | StreamSource:
+    """Build the source of `cfg`; `seed` fixes its shuffles (pass one per source)."""
+    label = f"{where} ({describe(cfg)})"
+    if cfg.path == "builtin:stdlib":
+        corpus = StdlibCorpus(cfg.min_chars, cfg.max_chars)
+        return Source(label, corpus, len(corpus), seed)
+    if cfg.path == "builtin:passkey":
+        return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars), None, seed)
+    if cfg.path.startswith("builtin:"):
+        raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey)")
+
+    import datasets
+
+    suffix = Path(cfg.path).suffix.lower()
+    if suffix in _BUILDERS or Path(cfg.path).is_file():
+        if not glob.glob(cfg.path):
+            raise DataError(f"{label}: file not found: {cfg.path}")
+        builder = _BUILDERS.get(suffix, "text")
+        args = (builder,)
+        kwargs = {"data_files": cfg.path, "split": "train"}  # local files have one split
+        if builder == "text":
+            kwargs["sample_by"] = cfg.sample_by
+    else:  # a hub name or a dataset directory
+        args, kwargs = (cfg.path, cfg.name), {"split": cfg.split}
+    try:
+        ds = datasets.load_dataset(*args, streaming=cfg.streaming, **kwargs)
+    except Exception as e:  # datasets raises many types (offline, not found, bad file)
+        raise DataError(f"{label}: could not be loaded ({type(e).__name__}: {e}). Without network, "
+                        f"point {where}.path at a local json/jsonl/parquet/text file or dataset "
+                        f"directory") from e
+    columns = ds.column_names
+    if columns is not None and cfg.text_column not in columns:
+        raise _missing_column(label, cfg.text_column, list(columns))
+    if cfg.streaming:
+        return StreamSource(label, ds, cfg.text_column, seed)
+    ds = ds.select_columns([cfg.text_column])
+    return Source(label, _Column(ds, cfg.text_column, label), len(ds), seed)
+
+
+class _Column:
+    def __init__(self, ds: Any, column: str, label: str):
+        self.ds, self.column, self.label = ds, column, label
+
+    def __getitem__(self, i: int) -> str:
+        return _as_text(self.ds[i][self.column], self.label, self.column)
+
+
+def _as_text(value: Any, label: str, column: str) -> str:
+    if value is None:  # a null cell is an empty document (dropped by the length checks)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{label}: column {column!r} holds {type(value).__name__}, not text")
+    return value
+
+
+class Cursor:
+    """Where a source is read: (epoch, pos). Also watches that each epoch has a usable document."""
+
+    def __init__(self, source: Source | StreamSource):
+        self.source = source
+        self.epoch = self.pos = 0
+        self.usable = False  # a document of the current epoch was kept and is window-long
+        self._it: Iterator[str] | None = None
+
+    def next(self, window: int) -> tuple[str, tuple[int, int]]:
+        """The next text and its address (epoch, pos); rolls over to a new epoch at the end."""
+        src = self.source
+        if not src.random_access:
+            text = self._next_streamed(window)
+        else:
+            if src.length is not None and self.pos >= src.length:
+                self._end_epoch(window)
+            elif src.length is None and self.pos == UNBOUNDED_CHECK and self.epoch == 0 and not self.usable:
+                raise self._unusable(window, f"its first {UNBOUNDED_CHECK} documents")
+            text = src.text(self.epoch, self.pos)
+        addr = (self.epoch, self.pos)
+        self.pos += 1
+        return text, addr
+
+    def _next_streamed(self, window: int) -> str:
+        if self._it is None:
+            self._it = self.source.texts(self.epoch, self.pos)
+        for _ in range(2):
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._end_epoch(window)
+                self._it = self.source.texts(self.epoch, 0)
+        raise DataError(f"{self.source.label} is empty")
+
+    def _end_epoch(self, window: int) -> None:
+        if self.pos == 0:
+            raise DataError(f"{self.source.label} is empty")
+        if not self.usable:
+            raise self._unusable(window, "a whole epoch")
+        self.epoch, self.pos, self.usable = self.epoch + 1, 0, False
+
+    def _unusable(self, window: int, span: str) -> DataError:
+        return DataError(f"{self.source.label}: no document in {span} has at least {window} tokens "
+                         f"(the training window) after the min_doc_tokens filter; use longer documents, "
+                         f"a smaller train.window or a smaller data.min_doc_tokens")
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "usable": self.usable}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.pos, self.usable = state["epoch"], state["pos"], state["usable"]
+        self._it = None
+
+
+@dataclass
+class Doc:
+    doc_id: int
+    tokens: np.ndarray  # int32 [BOS] text [EOS]
+    addr: tuple[int, int, int] | None  # (source, epoch, pos) for random-access sources, else None
+
+
+class DocStream:
+    """The seeded mixture of sources as an endless stream of tokenized documents with global ids."""
+
+    def __init__(self, sources: list, weights: list[float], tokenizer, seed: int, window: int,
+                 min_doc_tokens: int = 0):
+        if len(sources) != len(weights) or not sources:
+            raise DataError("DocStream needs one weight per source and at least one source")
+        w = np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self.cursors = [Cursor(s) for s in sources]
+        self.tokenizer, self.window, self.min_doc_tokens = tokenizer, window, min_doc_tokens
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.next_id = 0
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
+
+    def next(self) -> Doc:
+        while True:
+            i = int(self.rng.choice(len(self.cursors), p=self.p)) if len(self.cursors) > 1 else 0
+            cursor = self.cursors[i]
+            text, (epoch, pos) = cursor.next(self.window)
+            tokens = self.tokenize(text)
+            n = len(tokens) - 2  # BOS/EOS not counted
+            if n < self.min_doc_tokens:
+                continue
+            cursor.usable |= n >= self.window
+            doc = Doc(self.next_id, tokens, (i, epoch, pos) if cursor.source.random_access else None)
+            self.next_id += 1
+            return doc
+
+    def refetch(self, addr: tuple[int, int, int]) -> np.ndarray:
+        """The tokens of the document at a random-access address (used on resume)."""
+        i, epoch, pos = addr
+        return self.tokenize(self.cursors[i].source.text(epoch, pos))
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "next_id": self.next_id,
+                "cursors": [c.state() for c in self.cursors]}
+
+    def restore(self, state: dict) -> None:
+        if len(state["cursors"]) != len(self.cursors):
+            raise DataError(f"data state has {len(state['cursors'])} sources, the config "
+                            f"{len(self.cursors)}")
+        self.rng.bit_generator.state = state["rng"]
+        self.next_id = state["next_id"]
+        for c, s in zip(self.cursors, state["cursors"]):
+            c.restore(s)

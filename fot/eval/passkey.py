@@ -1,0 +1,369 @@
+"""Passkey retrieval (the LongLLaMA/landmark prompt): accuracy per context length, depth and method.
+
+    python -m fot.eval.passkey MODEL --lengths 1k,4k,16k --trials 10 --depths uniform --seed 0 \
+        --memory on --retrieval dense --out results/passkey
+
+MODEL is anything `fot.load_model` reads (a fot checkpoint or a Hugging Face directory). For each
+target length (tokens; 1k = 1024) and trial, the prompt from `fot.data.passkey.build_passkey_prompt`
+is the longest one whose tokenization (with BOS) fits in the length; the key (1..49999) and the depth
+come from a generator seeded with (seed, length, trial), so a trial does not depend on the other
+lengths asked for. The model greedily decodes exactly len(answer_ids) tokens, where answer_ids are the
+tokens that continue the tokenized prompt with " {key}" (tokenize prompt + " " + key and take the
+suffix, falling back to the key tokenized alone if a tokenizer merges across the boundary; for the
+LLaMA SentencePiece models both give "▁", digits). A trial is correct only if every generated token
+equals its answer token.
+
+Methods: `--memory on` uses the model's FoT memory (`FotModel.generate`: the prompt is read window
+by window into memory; `--window`, `--last-context-length`); `--memory off` is the baseline: the
+memory layers get no memory and the whole prompt goes through plain causal attention at positions
+0..N-1. `--rope-scaling` applies to either (with memory on: FoT + a RoPE-scaled local window).
+
+Outputs in --out: results.json (every trial, accuracy per method and length, the command, machine
+and date), results.md, accuracy.png (accuracy vs length per method) and a length x depth heatmap per
+method. Runs of other methods already in --out/results.json are kept, so successive runs into one
+directory build one comparison table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from fot.data import passkey as prompts
+from fot.eval import report
+
+ROPE_NAMES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+_KEEP = object()
+
+
+class Generator(Protocol):
+    """What the evaluations call: a tokenizer and greedy `generate` returning the new tokens
+    (`WithMemory`, `FullAttention`, a `FotModel`, or a fake in tests)."""
+
+    tokenizer: Any
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0) -> Sequence[int]: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Trials and scoring (pure functions of the seed / the tokens)
+
+
+def parse_depths(spec: str | Sequence[float]) -> str | list[float]:
+    """'uniform' or comma-separated fractions in [0, 1] ('0,0.25,0.5,0.75,1')."""
+    if isinstance(spec, str):
+        if spec.strip() == "uniform":
+            return "uniform"
+        try:
+            spec = [float(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--depths {spec!r}: expected 'uniform' or comma-separated fractions "
+                             f"in [0, 1] like 0,0.25,0.5,0.75,1") from None
+    depths = [float(d) for d in spec]
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths {depths}: each must be a fraction in [0, 1]")
+    return depths
+
+
+def plan_trials(lengths: Sequence[int], trials: int, depths: str | Sequence[float], seed: int) -> list[dict]:
+    """(length, trial, key, depth) for every trial. `trials` per length with uniform random depths, or
+    `trials` per (length, depth) for a depth grid. Trial j of length L draws from
+    default_rng([seed, L, j]): first the key, then (uniform depths) the depth."""
+    depths = parse_depths(depths)
+    if trials <= 0:
+        raise ValueError(f"trials must be positive, got {trials}")
+    plan = []
+    for length in lengths:
+        count = trials if depths == "uniform" else trials * len(depths)
+        for j in range(count):
+            rng = np.random.default_rng([seed, length, j])
+            key = prompts.sample_key(rng)
+            depth = float(rng.random()) if depths == "uniform" else depths[j // trials]
+            plan.append({"length": int(length), "trial": j, "key": key, "depth": depth})
+    return plan
+
+
+def min_length(tokenizer) -> int:
+    """Tokens of the prompt with no filler and the longest (5-digit) key: the smallest valid length."""
+    return len(tokenizer.encode(prompts.assemble("", "", prompts.KEY_HIGH - 1), bos=True))
+
+
+def check_lengths(tokenizer, lengths: Sequence[int]) -> None:
+    need = min_length(tokenizer)
+    short = [n for n in lengths if n < need]
+    if short:
+        raise ValueError(f"length {short[0]} is below the passkey prompt's fixed part: the prompt needs at "
+                         f"least {need} tokens with no filler (with this tokenizer)")
+
+
+def score(generated: Sequence[int], answer: Sequence[int]) -> bool:
+    """Exact match: as many tokens as the answer, every one equal. A partial answer is wrong."""
+    generated, answer = [int(t) for t in generated], [int(t) for t in answer]
+    return len(answer) > 0 and generated == answer
+
+
+def new_tokens(output: Any) -> list[int]:
+    """generate()'s new tokens ([n] or FotModel's [1, n]) as a list."""
+    return [int(t) for t in np.asarray(output).reshape(-1)]
+
+
+def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
+                depths: str | Sequence[float] = "uniform", seed: int = 0, method: str = "model",
+                progress: bool = True) -> list[dict]:
+    """Every trial as a dict: method, length, trial, depth, key, prompt_tokens, answer, answer_ids,
+    generated_ids, generated (decoded), correct."""
+    from tqdm.auto import tqdm
+
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer; passkey prompts are text")
+    check_lengths(tok, lengths)
+    plan = plan_trials(lengths, trials, depths, seed)
+    results, hits = [], 0
+    bar = tqdm(plan, desc=f"passkey {method}", disable=not progress, unit="trial")
+    for t in bar:
+        p = prompts.build_passkey_prompt(tok, t["length"], t["depth"], t["key"])
+        n = len(p.answer_ids)
+        out = new_tokens(model.generate(p.ids, max_new_tokens=n, temperature=0.0))
+        correct = score(out, p.answer_ids)
+        hits += correct
+        results.append({"method": method, **t, "prompt_tokens": len(p.ids), "answer": p.answer,
+                        "answer_ids": list(map(int, p.answer_ids)), "generated_ids": out,
+                        "generated": tok.decode(out), "correct": correct})
+        bar.set_postfix(length=t["length"], acc=f"{hits / len(results):.2f}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: memory on / off, RoPE scaling, retrieval mode
+
+
+class FullAttention:
+    """The memory-off baseline: greedy decoding where every token attends to the whole prompt with
+    plain causal attention at positions 0..N-1; memory layers get no memory.
+
+    Each step is one full forward over prompt + answer-so-far padded to a fixed length (one compile
+    per prompt length; causal masking makes the padding invisible). `dynamic` RoPE scaling therefore
+    sees the padded length N + n - 1 on every step, a difference of < n tokens from a growing cache.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.tokenizer = model.tokenizer
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **_) -> list[int]:
+        if temperature != 0.0:
+            raise ValueError("FullAttention decodes greedily (temperature 0)")
+        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+        n = len(ids)
+        buf = np.full((1, n + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
+        buf[0, :n] = ids
+        out = []
+        for i in range(max_new_tokens):
+            logits = self.model.logits(buf)[0, n - 1 + i]
+            out.append(int(np.argmax(np.asarray(logits))))
+            if i + 1 < max_new_tokens:
+                buf[0, n + i] = out[-1]
+        return out
+
+
+class WithMemory:
+    """Memory on: `FotModel.generate`, which reads a long prompt window by window into the memory.
+    window (default model.max_position_embeddings) and last_context_length (default
+    memory.last_context_length) are those of `fot.inference.Session`."""
+
+    def __init__(self, model, window: int | None = None, last_context_length: int | None = None):
+        if not model.config.memory.layers:
+            raise ValueError("memory retrieval asked for, but the model has no memory layers "
+                             "(memory.layers is empty); use memory off for a plain model")
+        self.model, self.window, self.last_context_length = model, window, last_context_length
+        self.tokenizer = model.tokenizer
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **kw):
+        return self.model.generate(np.asarray(prompt_ids).reshape(1, -1), max_new_tokens,
+                                   temperature=temperature, window=self.window,
+                                   last_context_length=self.last_context_length, **kw)
+
+
+def generator(model, memory: bool, window: int | None = None,
+              last_context_length: int | None = None) -> Generator:
+    """WithMemory (memory on) or the FullAttention baseline (memory off) around a FotModel."""
+    if not memory:
+        if window is not None or last_context_length is not None:
+            raise ValueError("window and last_context_length apply to memory on only")
+        return FullAttention(model)
+    return WithMemory(model, window, last_context_length)
+
+
+def rope_scaling_from_spec(spec: str | dict | None, factor: float = 1.0) -> dict | None:
+    """A RoPE-scaling dict from a JSON object (Hugging Face's rope_scaling), a dict, or a name
+    (none, linear, ntk, dynamic, yarn, llama3) with an optional ':FACTOR' ('linear:8'); without one the
+    factor is `factor`. llama3 gets Llama-3.1's low/high frequency factors (1, 4). longrope has
+    per-dimension factors, so it is given as JSON only."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--rope-scaling {spec!r}: not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--rope-scaling {spec!r}: the JSON must be an object")
+        return value
+    name, _, f = text.partition(":")
+    if name not in ROPE_NAMES:
+        raise ValueError(f"--rope-scaling {spec!r}: unknown RoPE scaling {name!r}; use one of "
+                         f"{', '.join(ROPE_NAMES)} (optionally NAME:FACTOR) or a JSON object")
+    if name == "none":
+        return None
+    try:
+        value = float(f) if f else float(factor)
+    except ValueError:
+        raise ValueError(f"--rope-scaling {spec!r}: factor {f!r} is not a number") from None
+    out = {"rope_type": name, "factor": value}
+    if name == "llama3":
+        out.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return out
+
+
+def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = None):
+    """A FotModel sharing `model`'s parameters with another RoPE scaling and/or memory retrieval mode
+    (config validated: a bad scaling dict or mode raises ConfigError naming the key)."""
+    from flax import nnx
+
+    from fot.model.llama import Llama
+
+    cfg = model.config
+    changes = {}
+    if rope_scaling is not _KEEP:
+        changes["model"] = dataclasses.replace(cfg.model, rope_scaling=rope_scaling)
+    if retrieval is not None:
+        if retrieval not in ("dense", "knn", "ivf"):
+            raise ValueError(f"retrieval {retrieval!r} is not one of dense, knn, ivf")
+        changes["memory"] = dataclasses.replace(cfg.memory, retrieval=retrieval)
+    if not changes:
+        return model
+    cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0))))
+    _, state = nnx.split(model.module)
+    return dataclasses.replace(model, config=cfg, module=nnx.merge(graphdef, state))
+
+
+def method_name(memory: bool, retrieval: str | None, rope: dict | None) -> str:
+    name = f"fot-{retrieval or 'memory'}" if memory else "baseline"
+    if rope:
+        kind = rope.get("rope_type", rope.get("type"))
+        name += f"+{kind}" + (f"x{rope['factor']:g}" if isinstance(rope.get("factor"), (int, float)) else "")
+    return name
+
+
+def prepare(model, *, memory: bool, retrieval: str | None = None, rope_scaling: str | dict | None = None,
+            max_length: int | None = None, window: int | None = None,
+            last_context_length: int | None = None) -> tuple[Generator, str]:
+    """The generator and default method name for one evaluated configuration of a loaded model.
+
+    A named RoPE scaling without a factor gets the longest context plain attention must cover over
+    model.max_position_embeddings (at least 1): max_length with memory off, the local window with
+    memory on (FoT + a RoPE-scaled local window)."""
+    if retrieval is not None and not memory:
+        raise ValueError(f"retrieval {retrieval!r} needs memory on")
+    max_pos = model.config.model.max_position_embeddings
+    span = (window or max_pos) if memory else (max_length or max_pos)
+    rope = rope_scaling_from_spec(rope_scaling, max(1.0, span / max_pos))
+    if rope_scaling is not None:
+        model = reconfigure(model, rope_scaling=rope)
+    if retrieval is not None:
+        model = reconfigure(model, retrieval=retrieval)
+    gen = generator(model, memory, window, last_context_length)
+    name = method_name(memory, model.config.memory.retrieval if memory else None, rope)
+    if window is not None:
+        name += f"+w{window}"
+    return gen, name
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """Arguments shared by the evaluation CLIs: which model and which method."""
+    ap.add_argument("model", help="fot checkpoint or Hugging Face model directory")
+    ap.add_argument("--rope-scaling", default=None,
+                    help="none | linear | ntk | dynamic | yarn | llama3 [:FACTOR] | JSON object "
+                         "(default factor: longest length / max_position_embeddings)")
+    ap.add_argument("--memory", choices=("on", "off"), default="on",
+                    help="on: FoT memory, window by window; off: plain attention over the whole input")
+    ap.add_argument("--retrieval", default=None, help="dense | knn | ivf (default: the model's config)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="memory on: local window (default: max_position_embeddings)")
+    ap.add_argument("--last-context-length", type=int, default=None,
+                    help="memory on: tokens kept in the local cache (default: memory.last_context_length)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16)")
+    ap.add_argument("--method-name", default=None, help="label in tables and plots")
+    ap.add_argument("--out", required=True, help="output directory")
+
+
+def load_for_eval(args, max_length: int):
+    """Validate the method flags (before the weights are read), load the model, build the generator."""
+    import fot
+
+    if args.retrieval is not None and args.retrieval not in ("dense", "knn", "ivf"):
+        raise ValueError(f"--retrieval {args.retrieval!r} is not one of dense, knn, ivf")
+    rope_scaling_from_spec(args.rope_scaling)  # an unknown name fails before loading
+    model = fot.load_model(args.model, dtype=args.dtype)
+    gen, name = prepare(model, memory=args.memory == "on", retrieval=args.retrieval,
+                        rope_scaling=args.rope_scaling, max_length=max_length, window=args.window,
+                        last_context_length=args.last_context_length)
+    return gen, args.method_name or name
+
+
+def write_outputs(out, trials: list[dict], meta: dict, method: str, name: str) -> dict:
+    """The report over this run's trials plus those of other methods already in out/results.json
+    (each method's command, machine and date kept under "runs")."""
+    from pathlib import Path
+
+    path = Path(out) / "results.json"
+    old = report.read_json(path) if path.is_file() else {}
+    trials = [t for t in old.get("trials", []) if t.get("method") != method] + trials
+    runs = {**old.get("runs", {}), method: meta}
+    return report.write_accuracy_report(out, trials, {"eval": name, "runs": runs}, name=name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fot.eval.passkey", description=__doc__.split("\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--lengths", default="1k,4k,16k", help="comma-separated token counts (1k = 1024)")
+    ap.add_argument("--trials", type=int, default=10, help="trials per length (per depth for a grid)")
+    ap.add_argument("--depths", default="uniform", help="uniform | comma-separated fractions in [0, 1]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from fot.config import ConfigError
+
+    try:
+        lengths = report.parse_lengths(args.lengths)
+        if not lengths:
+            raise ValueError("--lengths is empty")
+        depths = parse_depths(args.depths)
+        gen, method = load_for_eval(args, max(lengths))
+        trials = run_passkey(gen, lengths, args.trials, depths, args.seed, method, not args.no_progress)
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    meta = {**report.run_info(), "model": args.model, "seed": args.seed, "depths": depths,
+            "trials_per_cell": args.trials}
+    paths = write_outputs(args.out, trials, meta, method, "passkey")
+    acc = report.accuracy_by(trials, "length")
+    print(" ".join(f"{report.format_length(n)}={a:.2f}" for (n,), a in acc.items()), f"[{method}]")
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

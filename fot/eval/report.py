@@ -1,0 +1,201 @@
+"""Output forms shared by the evaluations: JSON, markdown tables, PNG line plots and heatmaps.
+
+Plots use matplotlib's Agg backend (no display needed), imported only when a plot is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def parse_length(text: str) -> int:
+    """'4096', '4k' (= 4096), '1.5k', '1m' (= 1048576) -> tokens; a clear error otherwise."""
+    t = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    num = t[:-1] if mult > 1 else t
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"length {text!r} is not a number of tokens like 4096 or 4k") from None
+    if not math.isfinite(value) or value * mult <= 0 or value * mult != int(value * mult):
+        raise ValueError(f"length {text!r} must be a positive whole number of tokens")
+    return int(value * mult)
+
+
+def parse_lengths(text: str) -> list[int]:
+    return [parse_length(x) for x in text.split(",") if x.strip()]
+
+
+def format_length(n: int) -> str:
+    """Inverse of parse_length for table headers: 4096 -> '4k'."""
+    for unit, size in (("m", 1024 * 1024), ("k", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def run_info() -> dict[str, Any]:
+    """The exact command, machine and date, recorded with every result."""
+    return {"command": " ".join([Path(sys.executable).name, "-m", *sys.argv]) if sys.argv else "",
+            "argv": list(sys.argv), "machine": platform.platform(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)  # atomic: a crash never leaves half a results file
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "—"
+            return f"{v:.4g}" if abs(v) >= 1000 else f"{v:.3f}".rstrip("0").rstrip(".")
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+               xlabel: str, ylabel: str, title: str = "", logx: bool = True,
+               ylim: tuple[float, float] | None = None) -> Path:
+    """One line per series name: {name: (xs, ys)}; x on a log2 axis (context lengths) by default."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [format_length(int(t)) for t in ticks])
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(path: str | Path, values: Sequence[Sequence[float]], row_labels: Sequence[str],
+                 col_labels: Sequence[str], *, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """values[row][col] in [0, 1] (NaN = no trial), green = 1; each cell annotated."""
+    import numpy as np
+
+    plt = _pyplot()
+    v = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(col_labels), 2), 1.2 + 0.6 * max(len(row_labels), 2)))
+    im = ax.imshow(np.ma.masked_invalid(v), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    for (i, j), x in np.ndenumerate(v):
+        if not np.isnan(x):
+            ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy reports for retrieval evaluations (passkey, needle): trials are dicts with at least
+# method, length, depth and correct.
+
+
+def depth_bins(depths: Sequence[float]) -> tuple[list[str], Any]:
+    """Column labels and a depth -> column function: the depths themselves when they form a grid
+    (every one a multiple of 0.05), else five equal bins (uniformly random depths)."""
+    distinct = sorted(set(depths))
+    if all(abs(d * 20 - round(d * 20)) < 1e-9 for d in distinct):
+        index = {d: i for i, d in enumerate(distinct)}
+        return [f"{d:g}" for d in distinct], index.__getitem__
+    edges = [i / 5 for i in range(6)]
+    return ([f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(5)], lambda d: min(int(d * 5), 4))
+
+
+def accuracy_by(trials: Sequence[dict], *keys: str) -> dict[tuple, float]:
+    """Mean of `correct` grouped by the given trial keys, in first-seen order."""
+    groups: dict[tuple, list[bool]] = {}
+    for t in trials:
+        groups.setdefault(tuple(t[k] for k in keys), []).append(bool(t["correct"]))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def write_accuracy_report(out: str | Path, trials: Sequence[dict], meta: dict[str, Any], *,
+                          name: str) -> dict[str, Path]:
+    """results.json (meta + every trial + accuracy per method and length), results.md (accuracy per
+    length per method), accuracy.png (accuracy vs length per method) and one length x depth heatmap
+    per method (heatmap_METHOD.png). Returns the written paths."""
+    out = Path(out)
+    methods = list(dict.fromkeys(t["method"] for t in trials))
+    lengths = sorted({t["length"] for t in trials})
+    acc = accuracy_by(trials, "method", "length")
+    summary = {m: {str(n): acc[(m, n)] for n in lengths if (m, n) in acc} for m in methods}
+    paths = {"json": write_json(out / "results.json", {**meta, "accuracy": summary, "trials": list(trials)})}
+    n_trials = Counter((t["method"], t["length"]) for t in trials)
+    rows = [[m, *[acc.get((m, n), float("nan")) for n in lengths],
+             f"{min(n_trials[(m, n)] for n in lengths if (m, n) in n_trials)}"] for m in methods]
+    table = markdown_table(["method", *[format_length(n) for n in lengths], "trials/length"], rows)
+    md = out / "results.md"
+    md.write_text(f"# {name}: accuracy by context length (tokens)\n\n{table}")
+    paths["md"] = md
+    series = {m: ([n for n in lengths if (m, n) in acc], [acc[(m, n)] for n in lengths if (m, n) in acc])
+              for m in methods}
+    paths["png"] = plot_lines(out / "accuracy.png", series, xlabel="context length (tokens)",
+                              ylabel="accuracy", title=f"{name} accuracy", ylim=(-0.05, 1.05))
+    for m in methods:
+        mine = [t for t in trials if t["method"] == m]
+        labels, column = depth_bins([t["depth"] for t in mine])
+        cells: dict[tuple[int, int], list[bool]] = {}
+        for t in mine:
+            cells.setdefault((lengths.index(t["length"]), column(t["depth"])), []).append(bool(t["correct"]))
+        grid = [[sum(cells[(i, j)]) / len(cells[(i, j)]) if (i, j) in cells else float("nan")
+                 for j in range(len(labels))] for i in range(len(lengths))]
+        file = out / f"heatmap_{_slug(m)}.png"
+        paths[f"heatmap:{m}"] = plot_heatmap(file, grid, [format_length(n) for n in lengths], labels,
+                                             xlabel="depth (fraction of the text before the hidden fact)",
+                                             ylabel="context length (tokens)", title=f"{name}: {m}")
+    return paths
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -1,0 +1,36 @@
+"""Training observability: TensorBoard scalars (tensorboard's own event writer, no torch or
+TensorFlow at runtime) and a tqdm progress bar with ETA and the current loss."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tqdm.auto import tqdm
+
+
+class TensorBoard:
+    """Scalars into `logdir/events.out.tfevents.*`, readable by TensorBoard's EventAccumulator."""
+
+    def __init__(self, logdir: str | Path):
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self.writer = EventFileWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def progress_bar(start: int, total: int, disable: bool = False) -> tqdm:
+    """Steps start..total with ETA; the loss goes in the postfix (`bar.set_postfix(loss=...)`)."""
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=disable,
+                desc="train", mininterval=1.0)

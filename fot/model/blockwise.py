@@ -1,0 +1,97 @@
+"""Blockwise (flash-style) causal attention: online softmax over key blocks, O(T * block) memory.
+
+Queries are cut into blocks (an outer `lax.scan`), and each query block runs an inner scan over key
+blocks that keeps the running max `m`, sum `l` and unnormalised output `o` of a `Partial`. Key blocks
+entirely in the future of a query block (by positions) or entirely invalid are skipped with
+`lax.cond`, which halves the work of causal attention. Both scan bodies are rematerialised
+(`jax.checkpoint`), so the backward pass recomputes scores block by block instead of storing T x T
+probabilities.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fot.model.attention import NEG_INF, Partial, group_queries
+
+
+def merge(a: Partial, b: Partial) -> Partial:
+    """Partial of the union of two disjoint key sets (unnormalised, unlike attention.combine)."""
+    m = jnp.maximum(a.m, b.m)
+    ca, cb = jnp.exp(a.m - m), jnp.exp(b.m - m)
+    return Partial(a.o * ca[..., None] + b.o * cb[..., None], m, a.l * ca + b.l * cb)
+
+
+def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
+    extra = to - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """[B, N*size, ...] -> [N, B, size, ...] (the scan axis first)."""
+    b, n = x.shape[0], x.shape[1] // size
+    return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+
+def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                      k_valid: jax.Array | None = None, block_size: int = 512) -> Partial:
+    """Same Partial as attention.dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid)).
+
+    q [B, T, H, D], k/v [B, S, K, D], q_pos [B, T], k_pos/k_valid [B, S]. Any T and S: the last
+    blocks are padded (padded keys are invalid, padded query rows are dropped).
+    """
+    b, t, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    bq, bk = min(block_size, t), min(block_size, s)
+    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+    if k_valid is None:
+        k_valid = jnp.ones((b, s), bool)
+    scale = d ** -0.5
+
+    qb = _blocks(_pad(group_queries(q, kv_heads).astype(jnp.float32), 1, tp), bq)  # [nq,B,bq,K,G,D]
+    qpb = _blocks(_pad(q_pos, 1, tp), bq)  # [nq, B, bq]
+    kb = _blocks(_pad(k.astype(jnp.float32), 1, sp), bk)  # [nk, B, bk, K, D]
+    vb = _blocks(_pad(v.astype(jnp.float32), 1, sp), bk)
+    kpb = _blocks(_pad(k_pos, 1, sp), bk)
+    kvb = _blocks(_pad(k_valid, 1, sp, False), bk)
+
+    def key_step(carry, xs, qi, qpi):
+        kj, vj, kpj, kvj = xs
+        mask = (kpj[:, None, :] <= qpi[:, :, None]) & kvj[:, None, :]  # [B, bq, bk]
+
+        def visit(c):
+            o, m, l = c
+            sc = jnp.einsum("btkgd,bskd->btkgs", qi, kj) * scale
+            mk = mask[:, :, None, None, :]
+            sc = jnp.where(mk, sc, NEG_INF)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            p = jnp.where(mk, jnp.exp(sc - m_new[..., None]), 0.0)
+            c_old = jnp.exp(m - m_new)
+            l_new = l * c_old + jnp.sum(p, axis=-1)
+            o_new = o * c_old[..., None] + jnp.einsum("btkgs,bskd->btkgd", p, vj)
+            return o_new, m_new, l_new
+
+        return jax.lax.cond(jnp.any(mask), visit, lambda c: c, carry), None
+
+    def query_block(xs):
+        qi, qpi = xs
+        init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], NEG_INF, jnp.float32),
+                jnp.zeros(qi.shape[:-1], jnp.float32))
+        step = jax.checkpoint(lambda c, x: key_step(c, x, qi, qpi), prevent_cse=False)
+        (o, m, l), _ = jax.lax.scan(step, init, (kb, vb, kpb, kvb))
+        return o, m, l
+
+    _, (o, m, l) = jax.lax.scan(
+        lambda c, xs: (c, jax.checkpoint(query_block, prevent_cse=False)(xs)), None, (qb, qpb))
+
+    def unblock(x):  # [nq, B, bq, K, G, ...] -> [B, T, H, ...]
+        x = jnp.moveaxis(x, 0, 1).reshape(b, tp, h, *x.shape[5:])
+        return x[:, :t]
+
+    return Partial(unblock(o), unblock(m), unblock(l))

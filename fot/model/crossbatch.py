@@ -1,0 +1,62 @@
+"""Crossbatch attention: the FoT training procedure (LongLLaMA `cross_batch.py` semantics).
+
+In a memory layer, batch row b attends to its own causal window (the block's local partial) plus all
+keys/values of rows b-1 ... b-R (R = train.cross_batch_range), those keys encoded as if first in the
+context (RoPE at position 0, i.e. scaled by the attention factor, when memory.positionals; no RoPE
+otherwise), fully visible, in ONE softmax with the local keys. Gradients flow into the other rows.
+
+Which rows are visible: row b of the batch, at index i = b % k inside its pack (k = train.pack_size),
+sees n(b) contexts counting its own:
+    n(b) = min(i * step + 1, R + 1)  with stepping (k > 1),  step = ceil((R + 1) / max(k - 1, 1))
+    n(b) = R + 1                     otherwise,
+and never more than b + 1 (the reference's guard against wrapping to later rows). The extra contexts
+are always the immediately preceding rows b-1 ... b-(n(b)-1), regardless of pack boundaries: rows of
+the same pack are earlier windows of the same document (positives), rows of the previous pack are
+other documents (negatives). E.g. k=4, R=3, stepping: step 2, extra contexts 0, 2, 3, 3 per pack row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from fot import sharding
+from fot.model import attention, rope
+
+
+def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, stepping: bool) -> np.ndarray:
+    """[B] int: how many previous rows each row reads (n(b) - 1 in the module docstring)."""
+    r = cross_batch_range
+    step = math.ceil((r + 1) / max(pack_size - 1, 1))
+    b = np.arange(batch_size)
+    n = np.minimum((b % pack_size) * step + 1, r + 1) if stepping and pack_size > 1 else np.full_like(b, r + 1)
+    return np.minimum(n, b + 1) - 1
+
+
+def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepping: bool):
+    """A `memory` callback for `Llama.run_layers` (see fot/model/llama.py MemoryFn), or None for R=0
+    (plain windows, the "no crossbatch" ablation)."""
+    r = cross_batch_range
+    if r == 0:
+        return None
+
+    def fn(slot, q, k_new, v_new):
+        b, t = k_new.shape[:2]
+        k = k_new
+        if module.mem.positionals:  # "as if first": RoPE at position 0
+            zeros = jnp.zeros((b, t), jnp.int32)
+            k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, zeros))
+        # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
+        # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
+        pk, pv = sharding.previous_rows((k, v_new), r)
+        pk = pk.reshape(b, r * t, *pk.shape[3:])
+        pv = pv.reshape(b, r * t, *pv.shape[3:])
+        extra = jnp.asarray(extra_contexts(b, pack_size, r, stepping))
+        visible = (jnp.arange(r * t) // t)[None, :] < extra[:, None]  # [B, R*T]
+        part = attention.dense_partial(q, pk, pv, visible[:, None, None, None, :])
+        gate = module.mem_gate[...][slot] if module.mem.gate else None
+        return [part], gate
+
+    return fn

@@ -1,0 +1,71 @@
+"""Config files: every shipped YAML loads; bad keys, types and values name the key and the file."""
+
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from fot.config import ConfigError, load_config
+from fot.model.llama import Llama
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_shipped_model_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"openllama_3b.yaml", "openllama_7b.yaml", "openllama_13b.yaml", "tiny_model.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(CONFIGS)) for p in SHIPPED])
+def test_every_shipped_yaml_loads(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("name,params", [
+    # Published sizes of OpenLLaMA 3B / 7B / 13B (= LLaMA 7B / 13B).
+    ("openllama_3b.yaml", 3_426_473_600),
+    ("openllama_7b.yaml", 6_738_415_616),
+    ("openllama_13b.yaml", 13_015_864_320),
+])
+def test_openllama_parameter_counts(name, params):
+    cfg = load_config(CONFIGS / name)
+    model = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert count == params
+
+
+def test_tiny_model_uses_byte_tokenizer():
+    cfg = load_config(CONFIGS / "tiny_model.yaml")
+    assert cfg.data.tokenizer == "byte" and cfg.model.vocab_size == 259
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,key", [
+    ("model:\n  hidden_sise: 64\n", "model.hidden_sise"),  # unknown key
+    ("model:\n  hidden_size: big\n", "model.hidden_size"),  # wrong type
+    ("model:\n  hidden_size: 64\n  num_attention_heads: 5\n", "model.num_attention_heads"),  # impossible
+    ("modle:\n  hidden_size: 64\n", "modle"),  # unknown section
+])
+def test_bad_yaml_names_key_and_file(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_overrides(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_model.yaml", ["model.hidden_size=128", "memory.layers=[1]",
+                                                    "model.rope_scaling={rope_type: linear, factor: 2.0}"])
+    assert cfg.model.hidden_size == 128 and cfg.memory.layers == (1,)
+    assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ConfigError, match=r"tiny_model\.yaml.*model\.hidden_sise"):
+        load_config(CONFIGS / "tiny_model.yaml", ["model.hidden_sise=3"])
+    with pytest.raises(ConfigError, match=r"tiny_model\.yaml.*memory\.layers contains 7"):
+        load_config(CONFIGS / "tiny_model.yaml", ["memory.layers=[7]"])

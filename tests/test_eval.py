@@ -1,0 +1,304 @@
+"""Evaluations: passkey trials and scoring, needle in a haystack, perplexity, reports, CLI errors."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fot.data.tokenizer import ByteTokenizer
+from fot.eval import needle, passkey, perplexity, report
+
+# The reference prompt, written out here from the LongLLaMA/landmark format (not imported).
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+         "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The pass key is"
+
+
+class FakeModel:
+    """The generate interface: answers the key it finds in the prompt (right) or a wrong one."""
+
+    tokenizer = ByteTokenizer()
+
+    def __init__(self, right: bool, pattern: str = r"The pass key is (\d+)\."):
+        self.right, self.pattern, self.calls = right, pattern, []
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0):
+        assert temperature == 0.0
+        key = re.search(self.pattern, self.tokenizer.decode(prompt_ids)).group(1)
+        self.calls.append(max_new_tokens)
+        answer = key if self.right else str(int(key) % 9 + 1) * 2  # never the key: wrong digits
+        return self.tokenizer.encode(" " + answer + ".", bos=False)[:max_new_tokens]
+
+
+def tiny_model(memory_layers=(), max_pos=128, scale=1.0):
+    """Random tiny byte-level model; scale > 1 multiplies every weight so that the (otherwise almost
+    constant) output depends on the whole context."""
+    import jax
+    from flax import nnx
+
+    from fot.api import FotModel
+    from fot.config import config_from_dict
+
+    cfg = config_from_dict({"model": dict(vocab_size=259, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2,
+                                          max_position_embeddings=max_pos),
+                            "memory": {"layers": list(memory_layers)}})
+    model = FotModel.random(cfg, seed=0, tokenizer=ByteTokenizer())
+    if scale != 1.0:
+        nnx.update(model.module, jax.tree.map(lambda a: a * scale, nnx.state(model.module, nnx.Param)))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# passkey: trials, prompt, scoring
+
+
+def test_prompt_matches_reference_text_for_seed_and_length():
+    tok = ByteTokenizer()
+    (trial,) = passkey.plan_trials([300], 1, "uniform", seed=0)
+    # Pinned: seed 0, length 300, trial 0 always draws this key and depth.
+    assert trial["key"] == 27459 and trial["depth"] == pytest.approx(0.17443723123495525, abs=1e-15)
+    p = passkey.prompts.build_passkey_prompt(tok, 300, trial["depth"], trial["key"])
+    key = trial["key"]
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+    n = 300 - 1 - len("\n".join([INTRO, "", info, "", QUESTION]))  # bytes = tokens - BOS: fills exactly
+    garbage = " ".join([FILLER] * 100)
+    prefix = round(trial["depth"] * n)
+    expected = "\n".join([INTRO, garbage[:prefix], info, garbage[:n - prefix], QUESTION])
+    assert p.text == expected
+    assert len(p.ids) == 300 and p.answer_ids == tok.encode(f" {key}", bos=False)
+
+
+def test_plan_is_seeded_and_independent_of_other_lengths():
+    a = passkey.plan_trials([300, 1024], 4, "uniform", seed=3)
+    assert a == passkey.plan_trials([300, 1024], 4, "uniform", seed=3)
+    assert a[:4] == passkey.plan_trials([300], 4, "uniform", seed=3)
+    assert a != passkey.plan_trials([300, 1024], 4, "uniform", seed=4)
+    assert all(1 <= t["key"] <= 49999 and 0 <= t["depth"] <= 1 for t in a)
+    grid = passkey.plan_trials([300], 2, "0,0.5,1", seed=0)
+    assert [t["depth"] for t in grid] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+
+
+def test_score_is_exact_match_of_all_tokens():
+    assert passkey.score([5, 6, 7], [5, 6, 7])
+    assert passkey.score(np.array([5, 6, 7]), [5, 6, 7])
+    assert not passkey.score([5, 6], [5, 6, 7])  # partial answer
+    assert not passkey.score([5, 6, 8], [5, 6, 7])  # last token wrong
+    assert not passkey.score([9, 6, 7], [5, 6, 7])
+    assert not passkey.score([5, 6, 7, 8], [5, 6, 7])  # too long
+    assert not passkey.score([], [])
+    assert passkey.new_tokens(np.array([[5, 6]])) == [5, 6]  # FotModel.generate's [1, n]
+
+
+@pytest.mark.parametrize("depths", ["uniform", "0,0.5,1"])
+def test_always_right_scores_100_and_never_right_scores_0(depths):
+    right, wrong = FakeModel(True), FakeModel(False)
+    r = passkey.run_passkey(right, [260, 700], 3, depths, seed=1, method="right", progress=False)
+    w = passkey.run_passkey(wrong, [260, 700], 3, depths, seed=1, method="wrong", progress=False)
+    assert len(r) == len(w) == (6 if depths == "uniform" else 18)
+    assert all(t["correct"] for t in r) and not any(t["correct"] for t in w)
+    assert report.accuracy_by(r, "length") == {(260,): 1.0, (700,): 1.0}
+    assert report.accuracy_by(w, "length") == {(260,): 0.0, (700,): 0.0}
+    # exactly the answer's length is decoded: " " + digits of the key
+    assert right.calls == [len(str(t["key"])) + 1 for t in r]
+    assert all(t["prompt_tokens"] <= t["length"] for t in r)
+
+
+def test_report_files(tmp_path):
+    r = passkey.run_passkey(FakeModel(True), [260, 512], 2, "0,1", 0, "right", progress=False)
+    w = passkey.run_passkey(FakeModel(False), [260, 512], 3, "uniform", 0, "wrong", progress=False)
+    passkey.write_outputs(tmp_path, r, {"command": "a"}, "right", "passkey")
+    paths = passkey.write_outputs(tmp_path, w, {"command": "b"}, "wrong", "passkey")  # merged
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["trials"]) == len(r) + len(w) == 14
+    assert data["accuracy"] == {"right": {"260": 1.0, "512": 1.0}, "wrong": {"260": 0.0, "512": 0.0}}
+    assert data["runs"]["right"]["command"] == "a"
+    md = (tmp_path / "results.md").read_text()
+    assert "| right | 1 | 1 | 4 |" in md and "| wrong | 0 | 0 | 3 |" in md
+    for name in ("accuracy.png", "heatmap_right.png", "heatmap_wrong.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert set(paths) == {"json", "md", "png", "heatmap:right", "heatmap:wrong"}
+
+
+def test_parse_helpers_and_bad_input():
+    assert report.parse_lengths("1k,4k,300,1.5k") == [1024, 4096, 300, 1536]
+    assert report.format_length(4096) == "4k" and report.format_length(300) == "300"
+    for bad in ("abc", "0", "-1k", "1.3", "inf"):
+        with pytest.raises(ValueError, match="length"):
+            report.parse_length(bad)
+    with pytest.raises(ValueError, match="uniform"):
+        passkey.parse_depths("middle")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        passkey.parse_depths("0,1.5")
+    need = passkey.min_length(ByteTokenizer())
+    assert need == len(("\n".join([INTRO, "", "The pass key is 49999. Remember it. 49999 is the pass key.",
+                                   "", QUESTION])).encode()) + 1
+    with pytest.raises(ValueError, match=f"below the passkey prompt's fixed part.*at least {need} tokens"):
+        passkey.run_passkey(FakeModel(True), [1024, need - 1], 1, progress=False)
+    with pytest.raises(ValueError, match="unknown RoPE scaling 'ntk-by-parts'"):
+        passkey.rope_scaling_from_spec("ntk-by-parts")
+    assert passkey.rope_scaling_from_spec("linear:8") == {"rope_type": "linear", "factor": 8.0}
+    assert passkey.rope_scaling_from_spec("yarn", 4.0) == {"rope_type": "yarn", "factor": 4.0}
+    assert passkey.rope_scaling_from_spec('{"rope_type": "dynamic", "factor": 2}')["factor"] == 2
+    assert passkey.rope_scaling_from_spec("none") is None
+
+
+def test_memory_methods_and_rope_baselines_on_a_real_model():
+    plain = tiny_model()
+    with pytest.raises(ValueError, match="no memory layers"):
+        passkey.prepare(plain, memory=True, retrieval=None, rope_scaling=None, max_length=512)
+    with pytest.raises(ValueError, match="needs memory on"):
+        passkey.prepare(plain, memory=False, retrieval="knn", rope_scaling=None, max_length=512)
+    gen, name = passkey.prepare(plain, memory=False, retrieval=None, rope_scaling="linear", max_length=512)
+    assert name == "baseline+linearx4" and gen.model.config.model.rope_scaling["factor"] == 4.0
+    assert plain.config.model.rope_scaling is None  # the loaded model is not changed
+    from fot.config import ConfigError
+
+    with pytest.raises(ConfigError, match="factor"):
+        passkey.prepare(plain, memory=False, retrieval=None, rope_scaling="linear:0.5", max_length=512)
+    mem = tiny_model(memory_layers=[1])
+    gen, name = passkey.prepare(mem, memory=True, retrieval="knn", rope_scaling=None, max_length=512)
+    assert name == "fot-knn" and gen.model.config.memory.retrieval == "knn"
+    assert mem.config.memory.retrieval == "dense"
+    assert gen.model.module.embed_tokens.embedding[...] is mem.module.embed_tokens.embedding[...]  # shared
+    # FoT + a RoPE-scaled local window: the default factor stretches max_position_embeddings to the window
+    gen, name = passkey.prepare(mem, memory=True, rope_scaling="linear", max_length=4096, window=256)
+    assert name == "fot-dense+linearx2+w256" and gen.window == 256
+    assert gen.model.config.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="memory on only"):
+        passkey.prepare(mem, memory=False, window=256)
+
+
+def test_full_attention_baseline_is_greedy_over_the_whole_prompt():
+    model = tiny_model(scale=5.0)
+    ids = ByteTokenizer().encode("The pass key is 123. " * 12, bos=True)  # 253 tokens > 128 positions
+    got = passkey.FullAttention(model).generate(ids, max_new_tokens=4)
+    seq = list(ids)
+    for _ in range(4):  # reference: unpadded forward over the growing sequence
+        seq.append(int(np.argmax(np.asarray(model.logits(np.array([seq])))[0, -1])))
+    assert got == seq[len(ids):]
+
+
+def test_memory_and_full_attention_agree_within_one_window():
+    model = tiny_model(memory_layers=[1], max_pos=512, scale=5.0)  # 300 tokens fit in one window
+    fot = passkey.run_passkey(passkey.WithMemory(model), [300], 2, "uniform", 0, "fot", progress=False)
+    base = passkey.run_passkey(passkey.FullAttention(model), [300], 2, "uniform", 0, "base", progress=False)
+    assert [t["generated_ids"] for t in fot] == [t["generated_ids"] for t in base]
+    assert fot[0]["generated_ids"] != fot[1]["generated_ids"]  # the output depends on the prompt
+    assert all(len(t["generated_ids"]) == len(t["answer_ids"]) for t in fot)
+
+
+# ------------------------------------------------------------------------------------------------
+# needle in a haystack
+
+
+def test_needle_prompt_and_scoring():
+    tok = ByteTokenizer()
+    hay = needle.haystack(iter(["line one\nline two\n" * 40, "second doc\n" * 80]), 1500)
+    for depth in (0.0, 0.5, 1.0):
+        text, ids = needle.build_needle_prompt(tok, hay, 400, depth, 4321)
+        assert len(ids) <= 400 and len(tok.encode(needle.assemble(hay, len(text), depth, 4321))) > 400
+        assert text.count("The special magic number is 4321.") == 1 and text.endswith(needle.QUESTION)
+        lines = text.split("\n")
+        assert "The special magic number is 4321." in lines  # on a line of its own
+    assert needle.build_needle_prompt(tok, hay, 400, 0.0, 4321)[0].startswith("The special magic number")
+    end = needle.build_needle_prompt(tok, hay, 400, 1.0, 4321)[0]
+    assert end.endswith("The special magic number is 4321.\n\n\n" + needle.QUESTION)
+    pattern = r"The special magic number is (\d+)\."
+    right = needle.run_needle(FakeModel(True, pattern), hay, [300, 500], [0, 0.5, 1], 2, progress=False)
+    wrong = needle.run_needle(FakeModel(False, pattern), hay, [300, 500], [0, 0.5, 1], 2, progress=False)
+    assert len(right) == 12 and all(t["correct"] for t in right) and not any(t["correct"] for t in wrong)
+    with pytest.raises(ValueError, match="below the needle prompt's fixed part"):
+        needle.run_needle(FakeModel(True, pattern), hay, [50], [0.5], progress=False)
+    with pytest.raises(ValueError, match="too short"):
+        needle.build_needle_prompt(tok, hay, 5000, 0.5, 4321)
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity
+
+
+def test_perplexity_of_uniform_and_oracle_logits():
+    v = 50
+    docs = [list(np.random.default_rng(i).integers(0, v, 300)) for i in range(3)]
+    uniform = lambda ids: perplexity.next_token_logprobs(np.zeros((len(ids), v)), ids)  # noqa: E731
+    res = perplexity.run_perplexity(uniform, docs, [16, 64, 172], 128, progress=False)
+    assert [r["perplexity"] for r in res] == pytest.approx([v] * 3, rel=1e-6)
+
+    def oracle(ids):  # knows the document: logit 10 on the true next token
+        out = np.zeros((1, len(ids), v))
+        out[0, np.arange(len(ids) - 1), ids[1:]] = 10.0
+        return perplexity.next_token_logprobs(out, ids)
+
+    best = perplexity.run_perplexity(oracle, docs, [16, 172], 128, progress=False)
+    assert [r["perplexity"] for r in best] == pytest.approx([1 + (v - 1) * np.exp(-10)] * 2, rel=1e-6)
+    assert best[0]["tokens"] == 3 * 128 and len(best[0]["doc_perplexity"]) == 3
+
+    def only(scored: bool):  # certain (log p = 0) on the last 128 targets only, or everywhere else
+        def fn(ids):
+            lp = np.full(len(ids) - 1, -np.log(v))
+            if scored:
+                lp[-128:] = 0.0
+            else:
+                lp[:-128] = 0.0
+            return lp
+        return fn
+
+    assert perplexity.run_perplexity(only(True), docs, [16, 172], 128, progress=False)[1]["perplexity"] == 1.0
+    assert perplexity.run_perplexity(only(False), docs, [16, 172], 128,
+                                     progress=False)[1]["perplexity"] == pytest.approx(v)
+    with pytest.raises(ValueError, match="300 tokens; 301 are needed"):
+        perplexity.run_perplexity(oracle, docs, [173], 128, progress=False)
+
+
+def test_perplexity_on_a_real_model_with_and_without_memory(tmp_path):
+    model = tiny_model(memory_layers=[1], scale=5.0)
+    docs = perplexity.long_documents(ByteTokenizer(), iter(["x" * 100, "abc def\n" * 60, "q" * 50]), 400, 4)
+    assert len(docs) == 1 and len(docs[0]) == 400
+    plain = perplexity.logprob_fn(passkey.FullAttention(model))
+    memory = perplexity.logprob_fn(passkey.WithMemory(model))
+    short = np.asarray(docs[0][:100])  # within one window (128): memory has nothing to add
+    np.testing.assert_allclose(memory(short), plain(short), atol=1e-4)
+    base = perplexity.run_perplexity(plain, docs, [64, 272], 128, "baseline", progress=False)
+    fot = perplexity.run_perplexity(memory, docs, [64, 272], 128, "fot", progress=False)
+    assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in base + fot)
+    paths = perplexity.write_report(tmp_path, base + fot, {"baseline": {}, "fot": {}})
+    assert json.loads(paths["json"].read_text())["results"][3]["length"] == 272
+    md = paths["md"].read_text()
+    assert "| baseline |" in md and "| fot |" in md and paths["png"].stat().st_size > 2000
+    with pytest.raises(ValueError, match="no document"):
+        perplexity.long_documents(ByteTokenizer(), iter(["short"]), 400, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_smoke_and_errors(tmp_path):
+    tiny_model().save(tmp_path / "plain")
+    tiny_model(memory_layers=[1]).save(tmp_path / "fot")
+    out = tmp_path / "out"
+
+    def cli(model, *args):
+        cmd = [sys.executable, "-m", "fot.eval.passkey", str(tmp_path / model), "--lengths", "300",
+               "--trials", "1", "--no-progress", "--out", str(out), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    run = cli("plain", "--memory", "off")
+    assert run.returncode == 0, run.stderr
+    run = cli("fot", "--memory", "on", "--retrieval", "knn")  # 300 tokens: 3 windows of 128
+    assert run.returncode == 0, run.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert [(t["method"], t["prompt_tokens"]) for t in data["trials"]] == [("baseline", 300),
+                                                                           ("fot-knn", 300)]
+    for name in ("heatmap_baseline.png", "heatmap_fot-knn.png", "accuracy.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+    bad = cli("plain", "--memory", "on")
+    assert bad.returncode == 1 and "no memory layers" in bad.stderr
+    bad = cli("plain", "--memory", "off", "--lengths", "200")
+    assert bad.returncode == 1 and "at least 248 tokens" in bad.stderr

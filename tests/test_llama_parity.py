@@ -1,0 +1,68 @@
+"""fot's LLaMA against transformers' LlamaForCausalLM on tiny random models loaded from disk."""
+
+import numpy as np
+import pytest
+
+from hf_tiny import edit_config, hf_logits, make_hf, random_ids
+
+from fot import load_model
+
+F32_TOL = 1e-4  # max |fot - HF| on logits, float32
+BF16_REL_TOL = 2e-2  # max |bf16 - f32| / max |f32|
+
+
+@pytest.mark.parametrize("heads,kv_heads,tied,weights,shard", [
+    (4, 4, False, "safetensors", None),  # MHA, untied
+    (4, 2, True, "safetensors", None),  # GQA, tied
+    (4, 1, False, "bin", None),  # MQA, pytorch_model.bin
+    (4, 4, True, "bin", None),  # tied .bin (holds a redundant lm_head.weight)
+    (4, 2, False, "safetensors", "20KB"),  # sharded safetensors with an index
+    (4, 2, True, "bin", "2 shards"),  # sharded .bin with an index
+])
+def test_logits_match_hf(tmp_path, heads, kv_heads, tied, weights, shard):
+    hf = make_hf(tmp_path, heads=heads, kv_heads=kv_heads, tied=tied, weights=weights, max_shard_size=shard)
+    if shard:
+        stem = "pytorch_model" if weights == "bin" else "model"
+        assert (tmp_path / f"{stem}.{weights}.index.json").is_file()
+        assert len(list(tmp_path.glob(f"{stem}-*.{weights}"))) > 1
+    if weights == "bin":
+        assert not list(tmp_path.glob("*.safetensors"))
+    model = load_model(tmp_path)
+    assert model.config.model.kv_heads == kv_heads and model.config.model.tie_word_embeddings == tied
+    ids = random_ids(3, 19)
+    diff = np.abs(np.asarray(model.logits(ids)) - hf_logits(hf, ids)).max()
+    assert diff <= F32_TOL, diff
+
+
+def test_rope_scaling_kept_and_matches(tmp_path):
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
+    hf = make_hf(tmp_path, kv_heads=2, rope_parameters=rope)
+    model = load_model(tmp_path)
+    assert model.config.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert model.config.model.rope_theta == 5000.0
+    ids = random_ids(2, 40)
+    assert np.abs(np.asarray(model.logits(ids)) - hf_logits(hf, ids)).max() <= F32_TOL
+
+
+def test_bf16_compute_close_to_f32(tmp_path):
+    hf = make_hf(tmp_path, kv_heads=2)
+    ids = random_ids(2, 33)
+    ref = hf_logits(hf, ids)
+    model = load_model(tmp_path, dtype="bfloat16")
+    assert model.config.model.dtype == "bfloat16"
+    out = np.asarray(model.logits(ids))
+    rel = np.abs(out - ref).max() / np.abs(ref).max()
+    assert 0 < rel <= BF16_REL_TOL, rel  # > 0: the forward really ran in bf16
+
+
+def test_longllama_config_keeps_memory_fields(tmp_path):
+    hf = make_hf(tmp_path, kv_heads=2)
+    edit_config(tmp_path, model_type="longllama", architectures=["LongLlamaForCausalLM"], mem_layers=[1],
+                mem_positionals=True, mem_dtype="float32", last_context_length=16, mem_attention_grouping=None,
+                torch_attention=True, gradient_checkpoint_every_ith=1)
+    model = load_model(tmp_path)
+    mem = model.config.memory
+    assert (mem.layers, mem.positionals, mem.dtype, mem.last_context_length) == ((1,), True, "float32", 16)
+    # With no memory attached, a LongLLaMA (positionals on) computes exactly what LLaMA does.
+    ids = random_ids(2, 17)
+    assert np.abs(np.asarray(model.logits(ids)) - hf_logits(hf, ids)).max() <= F32_TOL

@@ -1,0 +1,138 @@
+"""The memory buffers and retrieval functions against plain NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fot.api import FotModel
+from fot.config import MemoryConfig, ModelConfig, config_from_dict
+from fot.model import memory as M
+from fot.model.attention import combine
+
+B, T, H, K, D, A = 2, 5, 4, 2, 8, 40
+
+
+def random_memory(count, seed=0):
+    r = np.random.RandomState(seed)
+    q = r.randn(B, T, H, D).astype(np.float32)
+    keys = r.randn(B, K, A, D).astype(np.float32)  # the memory layout: kv-head major
+    values = r.randn(B, K, A, D).astype(np.float32)
+    valid = np.arange(A)[None] < count
+    valid = np.repeat(valid, B, 0)
+    valid[:, 3] = False  # a hole (a padded row of an earlier ragged write)
+    return q, keys, values, valid
+
+
+def np_attend(q, keys, values, valid, count, k=None):
+    """Softmax over the valid slots < count (or their top-k per query and head), GQA, float64."""
+    g = H // K
+    out = np.zeros(q.shape)
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                ok = np.flatnonzero(valid[b] & (np.arange(A) < count))
+                s = keys[b, h // g, ok].astype(np.float64) @ q[b, t, h] / np.sqrt(D)
+                if k is not None:
+                    top = np.argsort(-s)[:k]
+                    ok, s = ok[top], s[top]
+                p = np.exp(s - s.max())
+                out[b, t, h] = p @ values[b, h // g, ok] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("block", [8, 40])
+def test_dense_matches_numpy(block):
+    q, keys, values, valid = random_memory(count=29)
+    part = M.dense(jnp.asarray(q), keys, values, valid, jnp.int32(29), block)
+    got = np.asarray(combine([part], jnp.float32))
+    assert np.abs(got - np_attend(q, keys, values, valid, 29)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("k,block", [(3, 8), (11, 8), (5, 40)])
+def test_knn_matches_numpy_topk(k, block):
+    q, keys, values, valid = random_memory(count=33, seed=1)
+    part = M.knn(jnp.asarray(q), keys, values, valid, jnp.int32(33), k, block)
+    got = np.asarray(combine([part], jnp.float32))
+    assert np.abs(got - np_attend(q, keys, values, valid, 33, k)).max() <= 1e-5
+
+
+def test_knn_with_k_at_least_memory_equals_dense():
+    q, keys, values, valid = random_memory(count=37, seed=2)
+    dense = combine([M.dense(jnp.asarray(q), keys, values, valid, jnp.int32(37), 8)], jnp.float32)
+    knn = combine([M.knn(jnp.asarray(q), keys, values, valid, jnp.int32(37), 64, 8)], jnp.float32)
+    assert np.abs(np.asarray(knn) - np.asarray(dense)).max() <= 1e-5
+
+
+def test_writes_append_and_padding_is_invalid():
+    mem = M.Memory(ModelConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=2),
+                   MemoryConfig(layers=(0, 1), dtype="float32", capacity=20), batch=1, max_write=6)
+    assert mem.state.keys.shape[3] >= 26
+    r = np.random.RandomState(3)
+    chunks = [r.randn(2, 1, 6, 2, 8).astype(np.float32) for _ in range(3)]
+    s = mem.state
+    for c, n in zip(chunks, (6, 4, 6)):  # the second write is ragged: 2 padded rows
+        s = M.write(s, jnp.asarray(c), jnp.asarray(-c), jnp.int32(n))
+    want = np.concatenate([chunks[0], chunks[1][:, :, :4], chunks[2]], 2).swapaxes(2, 3)
+    assert int(s.count) == 16
+    assert np.abs(np.asarray(s.keys[:, :, :, :16]) - want).max() == 0
+    assert np.abs(np.asarray(s.values[:, :, :, :16]) + want).max() == 0
+    assert np.asarray(s.valid[:, :, :16]).all() and not np.asarray(s.valid[:, :, 16:]).any()
+
+
+def test_memory_is_its_own_variable_type_not_a_param():
+    cfg = config_from_dict({"model": dict(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                          num_hidden_layers=2, num_attention_heads=2),
+                            "memory": dict(layers=[1])})
+    mem = M.Memory(cfg.model, cfg.memory, batch=1, max_write=8)
+    assert len(jax.tree.leaves(nnx.state(mem, nnx.Param))) == 0
+    assert len(jax.tree.leaves(nnx.state(mem, M.MemoryCache))) == 4
+    assert mem.state.keys.dtype == jnp.bfloat16  # memory.dtype default
+    assert mem.memory_bytes_per_token() == 2 * 2 * 8 * 2 + 1
+    model = FotModel.random(cfg)
+    assert not jax.tree.leaves(nnx.state(model.module, M.MemoryCache))
+
+
+def clustered(n, d, centers, seed):
+    r = np.random.RandomState(seed)
+    c = r.randn(centers, d).astype(np.float32) * 2
+    x = c[r.randint(0, centers, n)] + 0.5 * r.randn(n, d).astype(np.float32)
+    return x, c
+
+
+def exact_top(q, x, k):
+    return np.argsort(-(q @ x.T), axis=1)[:, :k]
+
+
+def test_ivf_recall_and_full_probe_is_exact():
+    n, d, k, c = 4096, 16, 32, 32
+    x, centers = clustered(n, d, 64, seed=4)
+    q = centers[np.random.RandomState(5).randint(0, 64, 64)] + np.random.RandomState(6).randn(64, d)
+    q = q.astype(np.float32)
+    cap = M.list_size(n, c)
+    cent, starts, sizes, order = M.build_ivf(jnp.asarray(x), jnp.int32(n), c, jax.random.key(0), cap)
+    assert int(sizes.sum()) == n and int(sizes.max()) <= cap
+    lists = int((sizes > 0).sum())
+    sk, so = M.sorted_layout(jnp.asarray(x), order, cap)
+    want = exact_top(q, x, k)
+    for probe, min_recall in ((lists, 1.0), (8, 0.9)):
+        s, i = M.ivf_search(jnp.asarray(q), cent, starts, sizes, sk, so, k, probe, cap)
+        i = np.asarray(i)
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(i, want)])
+        assert recall >= min_recall, (probe, recall)
+        if probe == lists:  # every list searched: the exact best scores
+            np.testing.assert_allclose(np.asarray(s)[:, 0], (q @ x.T).max(1), rtol=1e-5, atol=1e-4)
+
+
+def test_model_ivf_with_full_probe_equals_dense():
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    mem = dict(layers=[1], dtype="float32", last_context_length=8, capacity=512)
+    dense = FotModel.random(config_from_dict({"model": base, "memory": mem}))
+    ivf = FotModel(config_from_dict({"model": base, "memory": dict(
+        mem, retrieval="ivf", knn_k=512, ivf_clusters=4, ivf_probe=512)}), dense.module)
+    ids = np.random.RandomState(7).randint(0, 64, (1, 20 * 16))
+    s = ivf.build_memory(ids[:, :-1])
+    assert s.memory.index is not None and 0 < int(s.memory.index.indexed) <= s.memory.filled
+    assert np.abs(np.asarray(ivf.logits_long(ids)) - np.asarray(dense.logits_long(ids))).max() <= 1e-5
