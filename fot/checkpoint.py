@@ -110,7 +110,10 @@ def restore_params(path: str | Path, abstract_state: nnx.State) -> nnx.State:
     src = Path(path).absolute() / PARAMS_DIR
     if not src.is_dir():
         raise CheckpointError(f"{src}: no params checkpoint")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+    # Without a sharding, one local device: a checkpoint written on another mesh (a training run
+    # on 8 devices) then still loads here; orbax would otherwise insist on the writer's devices.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or here),
                           abstract_state.to_pure_dict())
     with ocp.StandardCheckpointer() as ckptr:
         _check_matches(src, _flat(ckptr.metadata(src).item_metadata.tree), _flat(target))

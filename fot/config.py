@@ -8,6 +8,7 @@ the dotted key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ class ConfigError(ValueError):
 
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+class HashableDict(dict):
+    """A dict that hashes by content: a config travels in jit's static arguments (the module's
+    graphdef holds it), so its dict-valued fields (rope_scaling) must hash."""
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class ModelConfig:
     attention: Literal["auto", "plain", "blockwise", "cudnn"] = "auto"
     blockwise_threshold: int = 4096
     attention_block_size: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict) and not isinstance(self.rope_scaling, HashableDict):
+            object.__setattr__(self, "rope_scaling", HashableDict(self.rope_scaling))
 
     @property
     def kv_heads(self) -> int:
@@ -133,6 +146,9 @@ class SourceConfig:
     # (None: 4 * min_chars).
     min_chars: int = 2000
     max_chars: int | None = None
+    # builtin:passkey only: the fraction of documents whose filler interleaves stdlib text with the
+    # evaluation filler (so that the key is not the only non-repetitive line).
+    mixed_filler: float = 0.5
 
     def validate(self, where: str, key: str) -> None:
         if not self.path:
@@ -147,6 +163,8 @@ class SourceConfig:
         if self.max_chars is not None and self.max_chars < max(self.min_chars, 1):
             raise ConfigError(f"{where}: {key}.max_chars={self.max_chars} is below "
                               f"{key}.min_chars={self.min_chars}")
+        if not 0.0 <= self.mixed_filler <= 1.0:
+            raise ConfigError(f"{where}: {key}.mixed_filler must be in [0, 1], got {self.mixed_filler}")
         if self.path == "builtin:passkey" and self.min_chars < 1:
             raise ConfigError(f"{where}: {key}.min_chars must be >= 1 for builtin:passkey")
 
@@ -206,10 +224,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
+    """Device mesh (fot/sharding.py): axis sizes, one of them may be -1 (= all remaining devices).
+    `distributed`: call `jax.distributed.initialize` first; "auto" = when the environment is a
+    multi-process launch (fot.sharding.distributed_env)."""
+
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
+    distributed: bool | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ Training = 3 x forward (the backward pass costs two matmuls per forward matmul).
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import lru_cache
 
@@ -105,6 +106,20 @@ def peak_flops(device=None) -> tuple[float, str]:
             return flops, f"datasheet bf16 dense peak of {device.device_kind}"
     n = MATMUL_N
     return measure_matmul_flops(n), f"measured {n}x{n} float32 matmul on {device.device_kind}"
+
+
+def system_peak_flops(devices=None) -> tuple[float, int, str]:
+    """(peak FLOP/s of one device, how many of them the run uses, where the peak comes from).
+    The environment variable FOT_PEAK_FLOPS overrides the per-device peak. A peak measured on a
+    CPU already used every core of the host, however many (simulated) devices the host shows, so
+    it counts once per process there; accelerators count once per device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if os.environ.get("FOT_PEAK_FLOPS"):
+        peak, source = float(os.environ["FOT_PEAK_FLOPS"]), "FOT_PEAK_FLOPS per device"
+    else:
+        peak, source = peak_flops(devices[0])
+    n = len({d.process_index for d in devices}) if devices[0].platform == "cpu" else len(devices)
+    return peak, n, source
 
 
 @lru_cache(maxsize=None)

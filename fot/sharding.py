@@ -17,6 +17,7 @@ Everything here is checked before anything is compiled, and errors name the numb
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -57,7 +58,46 @@ class ShardingError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Mesh
+# Processes and mesh
+
+
+def distributed_env() -> str | None:
+    """Which multi-process launcher the environment shows, or None for a single process: a JAX
+    coordinator (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES / JAX_PROCESS_ID), SLURM srun
+    with several tasks, Open MPI mpirun with several ranks, or a multi-host TPU slice (several
+    TPU_WORKER_HOSTNAMES, or MEGASCALE_COORDINATOR_ADDRESS for several slices)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or \
+            env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "TPU pod"
+    return None
+
+
+def initialize_distributed(mode: bool | str) -> str | None:
+    """`jax.distributed.initialize` for mesh.distributed = True, or "auto" when `distributed_env`
+    finds a launcher; must run before anything touches the devices. Returns what triggered it.
+    jax reads the launcher's own variables (SLURM_*, OMPI_*, the TPU metadata); with a bare
+    JAX_COORDINATOR_ADDRESS the process count and id come from JAX_NUM_PROCESSES/JAX_PROCESS_ID."""
+    found = distributed_env()
+    if mode is False or (mode == "auto" and found is None) or jax.distributed.is_initialized():
+        return None
+    kwargs = {}
+    if found == "JAX_COORDINATOR_ADDRESS" and "JAX_NUM_PROCESSES" in os.environ:
+        kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                  "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise ShardingError(f"mesh.distributed={mode!r} ({found or 'no launcher found'}): "
+                            f"jax.distributed.initialize failed: {e}") from None
+    return found or "mesh.distributed=true"
+
 
 
 def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
@@ -208,25 +248,27 @@ def batch_shards(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
-def validate_batch(batch_size: int, mesh: Mesh, cross_batch_range: int = 0) -> None:
+def validate_batch(batch_size: int, mesh: Mesh, cross_batch_range: int = 0,
+                   name: str = "train.batch_size") -> None:
     """Errors, before any compile, for a batch the data axes cannot split (see CROSSBATCH LAYOUT
-    for why each shard needs at least `cross_batch_range` rows)."""
+    for why each shard needs at least `cross_batch_range` rows). `name` says what the rows are."""
     n = batch_shards(mesh)
     if batch_size % n:
         raise ShardingError(
-            f"train.batch_size={batch_size} is not divisible by the data axes: mesh data="
+            f"{name}={batch_size} is not divisible by the data axes: mesh data="
             f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']} = {n} batch shards")
     if batch_size // n < cross_batch_range:
         raise ShardingError(
-            f"train.batch_size={batch_size} over {n} batch shards leaves {batch_size // n} rows "
+            f"{name}={batch_size} over {n} batch shards leaves {batch_size // n} rows "
             f"per shard, fewer than train.cross_batch_range={cross_batch_range}: crossbatch "
             f"reads its negatives only from the neighbouring shard")
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows over (data, fsdp), tokens over sequence, anything further replicated."""
-    names = ("batch", "length", *([None] * (ndim - 2)))[:ndim]
-    return NamedSharding(mesh, logical_to_mesh_spec(names))
+def batch_sharding(mesh: Mesh, ndim: int = 2, micro: bool = False) -> NamedSharding:
+    """Rows over (data, fsdp), tokens over sequence, anything further replicated. With `micro` the
+    arrays are [micro-batches, rows, tokens, ...]: every micro-batch is split over all shards."""
+    names = ((None,) if micro else ()) + ("batch", "length") + (None,) * ndim
+    return NamedSharding(mesh, logical_to_mesh_spec(names[:ndim]))
 
 
 def local_batch_rows(mesh: Mesh, batch_size: int) -> slice:
@@ -243,29 +285,48 @@ def local_batch_rows(mesh: Mesh, batch_size: int) -> slice:
     return slice(lo, hi)
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put a batch (a pytree of [B, T, ...] arrays) on the mesh. Single process: the arrays are the
-    global batch. Several processes: each passes only its `local_batch_rows` rows."""
+def shard_batch(batch: Any, mesh: Mesh, micro: bool = False) -> Any:
+    """Put a batch (a pytree of [B, T, ...] arrays, or [micro-batches, B, T, ...] with `micro`) on
+    the mesh. Single process: the arrays are the global batch. Several processes: each passes only
+    its `local_batch_rows` rows (of every micro-batch)."""
     multi = jax.process_count() > 1
 
     def put(x):
         x = np.asarray(x)
-        s = batch_sharding(mesh, x.ndim)
+        s = batch_sharding(mesh, x.ndim, micro)
         if multi:
             return jax.make_array_from_process_local_data(s, x)
-        validate_batch(x.shape[0], mesh)
+        validate_batch(x.shape[int(micro)], mesh)
         return jax.device_put(x, s)
 
     return jax.tree.map(put, batch)
 
 
+def optimizer_shardings(tx: Any, abstract_opt_state: Any, param_shardings_tree: Any,
+                        mesh: Mesh) -> Any:
+    """NamedShardings for an optax state (`jax.eval_shape(tx.init, params)`): every per-parameter
+    leaf (Adam's moments, ...) sharded like its parameter, the rest (step counts) replicated."""
+    import optax
+
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt_state, param_shardings_tree,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, NamedSharding)))
+
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def collective_counts(hlo_text: str) -> dict[str, int]:
+def collective_counts(hlo_text: str, scope: str | None = None) -> dict[str, int]:
     """How many of each collective a compiled HLO module (`compiled.as_text()`) contains, counting
-    async start/done pairs once. Ops in a scanned layer's loop body count once, not per layer."""
-    return {op: len(re.findall(rf" {op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+    async start/done pairs once. Ops in a scanned layer's loop body count once, not per layer.
+    With `scope`, only ops traced under `jax.named_scope(scope)` (forward or backward) count."""
+    lines = hlo_text.splitlines()
+    if scope is not None:
+        lines = [ln for ln in lines if re.search(rf'op_name="[^"]*\b{re.escape(scope)}\b', ln)]
+    text = "\n".join(lines)
+    return {op: len(re.findall(rf" {op}(?:-start)?\(", text)) for op in COLLECTIVES}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""FoT training: `python -m fot.train CONFIG [key=value ...]`.
+"""FoT training: `python -m fot.train CONFIG [key=value ...] [--dry-run]`.
 
 One step = one batch of `train.batch_size` rows of `train.window` tokens from `fot.data.pipeline`
 (doc-aware k-packing), split into `train.grad_accum` micro-batches of whole packs (crossbatch reads
@@ -6,23 +6,36 @@ previous rows within a micro-batch only), next-token cross-entropy averaged over
 of the whole batch, clipped AdamW (fot/optim.py). Memory layers use crossbatch attention
 (fot/model/crossbatch.py); `train.cross_batch_range=0` trains plain windows.
 
-The jitted step is compiled once, ahead of time, on the functional state (params and optimizer
-state as plain pytrees; `nnx.merge` rebuilds the module inside), with the state donated. Metrics of
-step N are fetched only after step N+1 is dispatched, so the host never stalls the device.
+Scale-out: the step runs on the device mesh of the config's `mesh:` section (fot/sharding.py), and
+parameters, optimizer state, batches and activations are placed through its one logical-axis
+table: rows of every micro-batch over (data, fsdp), parameters and Adam moments split over fsdp
+(and heads / MLP / vocabulary over tensor). On 1 device the mesh is 1x1x1x1 and the same code
+runs. The jitted step has explicit in/out shardings, is compiled once, ahead of time, on the
+functional state (params and optimizer state as plain pytrees; `nnx.merge` rebuilds the module
+inside), with the state donated. Metrics of step N are fetched only after step N+1 is dispatched,
+so the host never stalls the device. Several processes (`mesh.distributed`, see
+fot.sharding.initialize_distributed): every process runs this same loop, loads only its rows of
+each batch, writes its shards of every checkpoint; logs, progress and TensorBoard come from
+process 0 only.
+
+`--dry-run` lowers and compiles the step for the configured mesh on abstract parameters (nothing
+allocated, no weights, tokenizer or data read) and prints the parameter count, model FLOPs per
+step, the compiled memory per device and the collectives in the compiled program, among them the
+all-gathers and permutes of memory-layer keys/values (fot/sharding.py CROSSBATCH LAYOUT).
 
 Run directory (`train.run_dir`): config.yaml (resolved config), events.out.tfevents.* (TensorBoard:
 loss, learning_rate, grad_norm, tokens_per_s, mfu, step_time), metrics.jsonl (every step),
 checkpoints/<step>/ (orbax CheckpointManager: params, opt_state, meta = step, RNG, data position),
 final/ (a fot checkpoint of the trained model, readable by `fot.load_model`). A run directory with
-checkpoints is resumed from the latest one, and gives exactly the losses of an uninterrupted run.
-SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the run with a checkpoint of the
-last good step (the step that produced it is not applied).
+checkpoints is resumed from the latest one, on any mesh, and gives exactly the losses of an
+uninterrupted run. SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the run with
+a checkpoint of the last good step (the step that produced it is not applied).
 
-MFU = tokens/s x model FLOPs per token / peak FLOP/s, with FLOPs per token from
-`fot.flops.train_flops_per_token` (3 x (2 x matmul weights + attention 4*H*D per visible key per
-layer, counting the (T+1)/2 mean causal keys and, in memory layers, T keys per crossbatch context))
-and the peak from `fot.flops.peak_flops` (a datasheet table, or a large matmul measured in this
-process on CPUs; the environment variable FOT_PEAK_FLOPS overrides it).
+MFU = tokens/s x model FLOPs per token / (peak FLOP/s per device x devices), with FLOPs per token
+from `fot.flops.train_flops_per_token` (3 x (2 x matmul weights + attention 4*H*D per visible key
+per layer, counting the (T+1)/2 mean causal keys and, in memory layers, T keys per crossbatch
+context)) and the peak from `fot.flops.system_peak_flops` (a datasheet table, or a large matmul
+measured in this process on CPUs; the environment variable FOT_PEAK_FLOPS overrides it).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -42,13 +56,18 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fot import flops
+from fot import flops, sharding
 from fot.config import Config, ConfigError, load_config, save_config
 from fot.metrics import TensorBoard, progress_bar
 from fot.model.crossbatch import crossbatch_memory
-from fot.model.llama import Llama, init_model
+from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
+from fot.sharding import ShardingError
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask")  # what the step reads of a pipeline batch
+MEMORY_SCOPE = "fot_memory"  # named scope of the memory-layer code, to find its ops in the HLO
 
 
 class TrainError(RuntimeError):
@@ -66,13 +85,24 @@ def forward(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: in
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = module.context(pos, pos, None)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
-    x, _ = module.run_layers(module.embed(ids), ctx, memory=mem)
+    x, _ = module.run_layers(module.embed(ids), ctx, memory=mem and _scoped(mem, MEMORY_SCOPE))
     return module.head(x)
 
 
-def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config):
+def _scoped(fn, name: str):
+    """`fn` with its ops (forward and backward) under `jax.named_scope(name)` in the HLO."""
+    def scoped(*args):
+        with jax.named_scope(name):
+            return fn(*args)
+
+    return scoped
+
+
+def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, param_shardings):
+    """The train step on (state, batch), batch arrays [grad_accum, batch_size / grad_accum, T]."""
     tr = cfg.train
-    accum = tr.grad_accum
+    # FSDP: each micro-batch's gradients leave reduce-scattered onto the parameters' shards.
+    pin = lambda tree: jax.lax.with_sharding_constraint(tree, param_shardings)
 
     def loss_sum(params, batch):
         module = nnx.merge(graphdef, params, rest)
@@ -85,18 +115,17 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config):
 
     def step(state, batch):
         params, opt_state = state["params"], state["opt_state"]
-        if accum == 1:
-            (s, n), grads = grad_fn(params, batch)
+        if tr.grad_accum == 1:
+            (s, n), grads = grad_fn(params, jax.tree.map(lambda a: a[0], batch))
+            grads = pin(grads)
         else:
-            micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
-
             def body(carry, mb):
                 g_acc, s_acc, n_acc = carry
                 (s, n), g = grad_fn(params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+                return (pin(jax.tree.map(jnp.add, g_acc, g)), s_acc + s, n_acc + n), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, s, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+            zeros = pin(jax.tree.map(jnp.zeros_like, params))
+            (grads, s, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), batch)
         n = jnp.maximum(n, 1.0)
         loss = s / n
         grads = jax.tree.map(lambda g: g / n, grads)
@@ -114,15 +143,85 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config):
     return step
 
 
+class StepPlan:
+    """What the train step is on a mesh, with nothing allocated: the abstract state and batch
+    (ShapeDtypeStructs carrying their shardings) and the jitted step with explicit in/out
+    shardings. Checks the batch against the mesh first (errors name the numbers)."""
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+        tr = cfg.train
+        self.cfg, self.mesh = cfg, mesh
+        self.accum, self.micro = tr.grad_accum, tr.batch_size // tr.grad_accum
+        self.window = tr.window or cfg.model.max_position_embeddings
+        sharding.validate_batch(
+            self.micro, mesh, tr.cross_batch_range,
+            "train.batch_size" if self.accum == 1 else
+            f"the micro-batch (train.batch_size={tr.batch_size} / train.grad_accum={self.accum})")
+        model_fn = lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(tr.seed))
+        self._params_fn = lambda: nnx.state(model_fn(), nnx.Param)
+        self.graphdef, _, self.rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+        params = sharding.abstract_state(self._params_fn, mesh).to_pure_dict()
+        param_sh = jax.tree.map(lambda a: a.sharding, params)
+        self.tx = make_optimizer(tr)
+        opt = jax.eval_shape(self.tx.init, params)
+        opt_sh = sharding.optimizer_shardings(self.tx, opt, param_sh, mesh)
+        self.replicated = NamedSharding(mesh, P())
+        self.shardings = {"params": param_sh, "opt_state": opt_sh, "halted": self.replicated}
+        with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        self.abstract = {"params": params, "opt_state": jax.tree.map(with_sharding, opt, opt_sh),
+                         "halted": jax.ShapeDtypeStruct((), jnp.bool_, sharding=self.replicated)}
+        self.batch_sharding = sharding.batch_sharding(mesh, 3, micro=True)
+        self.abstract_batch = {
+            k: jax.ShapeDtypeStruct((self.accum, self.micro, self.window),
+                                    jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=self.batch_sharding) for k in BATCH_KEYS}
+        step = make_step(self.graphdef, self.rest, self.tx, cfg, param_sh)
+        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                            out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+        self.rows = sharding.local_batch_rows(mesh, self.micro)
+
+    def random_params(self) -> dict:
+        """Parameters initialised from train.seed, each created directly in its shards."""
+        return sharding.init_sharded(self._params_fn, self.mesh).to_pure_dict()
+
+    def init_state(self, params: dict) -> dict:
+        """The step's state for parameters on the mesh: a fresh optimizer state beside them."""
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
+        return {"params": params, "opt_state": opt_state, "halted": self.not_halted()}
+
+    def not_halted(self) -> jax.Array:
+        return jax.device_put(np.asarray(False), self.replicated)
+
+    def compile(self):
+        with jax.set_mesh(self.mesh):  # model code's constraints and the crossbatch halo see it
+            return self.step.lower(self.abstract, self.abstract_batch).compile()
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global pipeline batch -> this process's rows of every micro-batch, on the mesh.
+
+        Every process builds the whole global batch and keeps its rows: the packer fills each
+        pack from one shared document stream, so which document lands in which row depends on all
+        the rows before it, and a row subset cannot be produced without the rest (tokenizing is
+        cheap next to a step; the data position in checkpoints stays one global state)."""
+        local = {k: batch[k].reshape(self.accum, self.micro, self.window)[:, self.rows]
+                 for k in BATCH_KEYS}
+        return sharding.shard_batch(local, self.mesh, micro=True)
+
+    def param_count(self) -> int:
+        return sum(math.prod(a.shape) for a in jax.tree.leaves(self.abstract["params"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Model and data set-up
 
 
-def _init_params(cfg: Config, abstract_params: dict) -> dict:
-    """Initial parameters: from train.init_from (HF dir / hub name, or fot checkpoint), or random."""
+def _init_params(cfg: Config, plan: StepPlan) -> dict:
+    """Initial parameters on the mesh: from train.init_from (HF dir / hub name, or fot
+    checkpoint), or random, created directly in their shards."""
     tr = cfg.train
+    abstract_params = plan.abstract["params"]
     if tr.init_from is None:
-        return nnx.split(init_model(cfg.model, cfg.memory, tr.seed), nnx.Param, ...)[1].to_pure_dict()
+        return plan.random_params()
     from fot.convert import load_model
 
     loaded = load_model(tr.init_from)
@@ -137,7 +236,8 @@ def _init_params(cfg: Config, abstract_params: dict) -> dict:
         if got_flat[path].shape != leaf.shape:
             raise TrainError(f"train.init_from={tr.init_from!r}: parameter {name} has shape "
                              f"{got_flat[path].shape}, this config's model implies {leaf.shape}")
-    return jax.tree.map(lambda w, a: jnp.asarray(w, a.dtype), got, abstract_params)
+    return jax.tree.map(lambda w, a: jax.device_put(np.asarray(w, a.dtype), a.sharding), got,
+                        abstract_params)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -200,7 +300,7 @@ def _validate(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (every process writes and reads its own shards; orbax coordinates them)
 
 
 def _manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
@@ -210,73 +310,118 @@ def _manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
 
 
 def _save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    # The sharded arrays themselves: orbax copies them to the host before `save` returns (only the
+    # file writes are asynchronous), so the next step may donate them.
     if step in mngr.all_steps():
         return
-    host = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
     mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(host["params"]), opt_state=ocp.args.StandardSave(host["opt_state"]),
-        meta=ocp.args.JsonSave(meta)))
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)))
 
 
-def _restore(mngr: ocp.CheckpointManager, step: int, state: dict) -> tuple[dict, dict]:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                            {"params": state["params"], "opt_state": state["opt_state"]})
+def _restore(mngr: ocp.CheckpointManager, step: int, plan: StepPlan) -> tuple[dict, dict]:
+    """Restore into the plan's shardings, whatever mesh wrote the checkpoint."""
     got = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract["params"]),
-        opt_state=ocp.args.StandardRestore(abstract["opt_state"]), meta=ocp.args.JsonRestore()))
-    new = {"params": jax.tree.map(jnp.asarray, got["params"]),
-           "opt_state": jax.tree.map(jnp.asarray, got["opt_state"]), "halted": jnp.asarray(False)}
-    return new, got["meta"]
+        params=ocp.args.StandardRestore(plan.abstract["params"]),
+        opt_state=ocp.args.StandardRestore(plan.abstract["opt_state"]),
+        meta=ocp.args.JsonRestore()))
+    state = {"params": got["params"], "opt_state": got["opt_state"], "halted": plan.not_halted()}
+    return state, got["meta"]
+
+
+def _save_final(cfg: Config, params: dict, tokenizer, path: Path) -> None:
+    """The trained model as a fot checkpoint (fot/checkpoint.py layout), written by every process
+    (each its shards of params/; `save_model`'s private temporary directory cannot be shared by
+    several hosts). config.yaml goes last: `fot.load_model` needs it, so a directory without it is
+    an unfinished one."""
+    from fot.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, save_tokenizer
+
+    path = path.absolute()
+    lead = jax.process_index() == 0
+    if lead:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(path / TOKENIZER_DIR, ignore_errors=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params, force=True)
+        ckptr.wait_until_finished()
+    if lead:
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, path / TOKENIZER_DIR)
+        save_config(cfg, path / CONFIG_FILE)
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 
 
-def _peak_flops() -> tuple[float, str]:
-    if os.environ.get("FOT_PEAK_FLOPS"):
-        return float(os.environ["FOT_PEAK_FLOPS"]), "FOT_PEAK_FLOPS"
-    return flops.peak_flops()
+def _mesh(cfg: Config) -> jax.sharding.Mesh:
+    """Processes joined (when configured), then the mesh; errors before anything is compiled."""
+    sharding.initialize_distributed(cfg.mesh.distributed)
+    return sharding.make_mesh(cfg.mesh)
+
+
+def _describe(mesh: jax.sharding.Mesh) -> str:
+    axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    return (f"mesh {axes} over {mesh.size} {jax.devices()[0].platform} devices, "
+            f"{jax.process_count()} process(es)")
+
+
+def _memory_report(compiled) -> dict[str, int]:
+    """Bytes per device of the compiled step (XLA's memory analysis of one SPMD partition)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+           ("argument", "output", "alias", "temp", "generated_code")}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss."""
     _validate(cfg)
     tr = cfg.train
-    stream = _check_inputs(cfg)
+    stream = _check_inputs(cfg)  # (touches no device: the processes join in _mesh)
+    mesh = _mesh(cfg)
+    plan = StepPlan(cfg, mesh)
+    lead = jax.process_index() == 0
+    say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
     run_dir = Path(tr.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if lead:
+        save_config(cfg, run_dir / "config.yaml")
+    say(_describe(mesh))
 
-    abstract = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    tx = make_optimizer(tr)
     lr_at = schedule(tr)
     mngr = _manager(run_dir, tr.keep_checkpoints)
     start = mngr.latest_step()
-    params = _init_params(cfg, abstract_params.to_pure_dict()) if start is None else \
-        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params.to_pure_dict())
-    state = {"params": params, "opt_state": tx.init(params), "halted": jnp.asarray(False)}
     rng = jax.random.key_data(jax.random.key(tr.seed))  # no dropout: saved for completeness
-    if start is not None:
-        state, meta = _restore(mngr, start, state)
+    if start is None:
+        state = plan.init_state(_init_params(cfg, plan))
+    else:
+        state, meta = _restore(mngr, start, plan)
         stream.restore(meta["data"])
-        print(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})", flush=True)
+        say(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})")
     start = start or 0
 
-    step_fn = jax.jit(make_step(graphdef, rest, tx, cfg), donate_argnums=0)
     data_state = {start: stream.state()}  # data position after each step, kept for in-flight steps
-    batch = next(stream) if start < tr.steps else None
+    batch = plan.put_batch(next(stream)) if start < tr.steps else None
     if batch is not None:
-        compiled = step_fn.lower(state, batch).compile()
-        print(f"compiled train step; memory analysis: {compiled.memory_analysis()}", flush=True)
+        compiled = plan.compile()
+        say(f"compiled train step; memory per device: "
+            f"{ {k: _gib(v) for k, v in _memory_report(compiled).items()} }")
 
-    tokens = tr.batch_size * (tr.window or cfg.model.max_position_embeddings)
+    tokens = tr.batch_size * plan.window
     fpt = flops.train_flops_per_token(cfg)
-    peak, peak_src = _peak_flops()
-    tb = TensorBoard(run_dir)
-    log = open(run_dir / "metrics.jsonl", "a")
-    bar = progress_bar(start, tr.steps, disable=not progress)
+    peak, n_peak, peak_src = flops.system_peak_flops(mesh.devices.flat)
+    tb = TensorBoard(run_dir) if lead else None
+    log = open(run_dir / "metrics.jsonl", "a") if lead else None
+    bar = progress_bar(start, tr.steps, disable=not (progress and lead))
 
     stop = {"signal": None}
 
@@ -284,6 +429,19 @@ def train(cfg: Config, progress: bool = True) -> dict:
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def stopping(step: int) -> bool:
+        """A signal may reach the processes at different steps; several processes compare notes
+        at logging steps (a small blocking collective) so that all stop after the same step."""
+        if jax.process_count() == 1:
+            return stop["signal"] is not None
+        if step % tr.log_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        got = int(np.max(multihost_utils.process_allgather(np.int32(stop["signal"] or 0))))
+        stop["signal"] = got or None
+        return stop["signal"] is not None
 
     def meta(step: int) -> dict:
         return {"step": step, "rng": np.asarray(rng).tolist(), "data": data_state[step]}
@@ -304,12 +462,14 @@ def train(cfg: Config, progress: bool = True) -> dict:
                              f"stopped; the last good step {good} is saved in "
                              f"{run_dir / 'checkpoints' / str(good)}")
         m.update(learning_rate=float(lr_at(step - 1)), step_time=dt, tokens_per_s=tokens / dt)
-        m["mfu"] = flops.mfu(m["tokens_per_s"], fpt, peak)
+        m["mfu"] = flops.mfu(m["tokens_per_s"], fpt, peak, n_peak)
+        last["loss"] = m["loss"]
+        if not lead:
+            return
         log.write(json.dumps({"step": step, **m}) + "\n")
         if step % tr.log_every == 0 or step == tr.steps:
             tb.scalars(step, m)
             log.flush()
-        last["loss"] = m["loss"]
         bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
         bar.update(1)
 
@@ -317,7 +477,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     step = start
     t0 = time.perf_counter()
     try:
-        while step < tr.steps and stop["signal"] is None:
+        while step < tr.steps and not stopping(step):
             state, metrics = compiled(state, batch)
             step += 1
             data_state[step] = stream.state()
@@ -328,15 +488,16 @@ def train(cfg: Config, progress: bool = True) -> dict:
             if step % tr.checkpoint_every == 0 and step < tr.steps:
                 _save(mngr, step, state, meta(step))
             if step < tr.steps:
-                batch = next(stream)
+                batch = plan.put_batch(next(stream))
         if pending is not None:
             finish(*pending)
         _save(mngr, step, state, meta(step))
         mngr.wait_until_finished()
     finally:
         bar.close()
-        tb.close()
-        log.close()
+        if lead:
+            tb.close()
+            log.close()
         for s, h in old.items():
             signal.signal(s, h)
     elapsed = time.perf_counter() - t0
@@ -344,21 +505,61 @@ def train(cfg: Config, progress: bool = True) -> dict:
                    checkpoint=str(run_dir / "checkpoints" / str(step)))
     if stop["signal"] is not None:
         name = signal.Signals(stop["signal"]).name
-        print(f"{name}: saved checkpoint {summary['checkpoint']} at step {step}; exiting", flush=True)
+        say(f"{name}: saved checkpoint {summary['checkpoint']} at step {step}; exiting")
         summary["signal"] = stop["signal"]
         return summary
-    _save_final(cfg, graphdef, state["params"], rest, stream.tokenizer, run_dir / "final")
+    _save_final(cfg, state["params"], stream.tokenizer, run_dir / "final")
     n = step - start
-    print(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * tokens / max(elapsed, 1e-9):.0f} "
-          f"tokens/s), final loss {last['loss']:.4f}, model FLOPs/token {fpt:.3g}, peak "
-          f"{peak:.3g} FLOP/s ({peak_src}); model saved in {run_dir / 'final'}", flush=True)
+    say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * tokens / max(elapsed, 1e-9):.0f} "
+        f"tokens/s), final loss {last['loss']:.4f}, model FLOPs/token {fpt:.3g}, peak "
+        f"{peak:.3g} FLOP/s x {n_peak} ({peak_src}); model saved in {run_dir / 'final'}")
     return summary
 
 
-def _save_final(cfg, graphdef, params, rest, tokenizer, path: Path) -> None:
-    from fot.api import FotModel
-
-    FotModel(cfg, nnx.merge(graphdef, params, rest), tokenizer).save(path, overwrite=True)
+def dry_run(cfg: Config) -> dict:
+    """Lower and compile the train step for the configured mesh on abstract state: nothing is
+    allocated and no weights, tokenizer or data are read (the vocabulary is model.vocab_size).
+    Prints and returns the parameter count, model FLOPs per step, memory per device, and the
+    collectives of the compiled step, those of the memory layers' code separately."""
+    _validate(cfg)
+    tr = cfg.train
+    mesh = _mesh(cfg)
+    plan = StepPlan(cfg, mesh)
+    t0 = time.perf_counter()
+    compiled = plan.compile()
+    seconds = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    mem_layers = len(cfg.memory.layers) if tr.cross_batch_range else 0
+    halo = mem_layers if sharding.batch_shards(mesh) > 1 else 0
+    report = {
+        "mesh": dict(mesh.shape), "devices": mesh.size, "compile_seconds": seconds,
+        "params": plan.param_count(),
+        "flops_per_step": flops.train_flops_per_token(cfg) * tr.batch_size * plan.window,
+        "micro_batch": [plan.accum, plan.micro, plan.window],
+        "memory_per_device": _memory_report(compiled),
+        "collectives": sharding.collective_counts(hlo),
+        "memory_layer_collectives": sharding.collective_counts(hlo, MEMORY_SCOPE),
+        # what the CROSSBATCH LAYOUT comment in fot/sharding.py promises, per micro-batch
+        "expected_memory_layer": {"all-gather": 0, "collective-permute": 2 * halo},
+    }
+    got = report["memory_layer_collectives"]
+    ok = all(got[k] == v for k, v in report["expected_memory_layer"].items())
+    if jax.process_index() == 0:
+        print(f"dry run: {_describe(mesh)}\n"
+              f"  compiled in {seconds:.1f}s; batch {tr.batch_size} rows x {plan.window} tokens "
+              f"as {plan.accum} micro-batch(es) of {plan.micro} rows (one scanned step body)\n"
+              f"  parameters: {report['params']:,}\n"
+              f"  model FLOPs per step: {report['flops_per_step']:.4g}\n"
+              f"  memory per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in
+                                                   report["memory_per_device"].items()) + "\n"
+              f"  collectives in the compiled step (a scanned body counts once): "
+              f"{report['collectives']}\n"
+              f"  memory-layer keys/values ({mem_layers} memory layers, {MEMORY_SCOPE} scope): "
+              f"all-gathers {got['all-gather']} (expected 0), collective-permutes "
+              f"{got['collective-permute']} (expected {2 * halo}: one per memory layer forward "
+              f"+ one backward) -> {'as fot/sharding.py CROSSBATCH LAYOUT says' if ok else 'MISMATCH'}",
+              flush=True)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,16 +567,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="compile the train step for the configured mesh on abstract parameters, "
+                         "print its size, FLOPs, memory per device and collectives, and exit")
     args = ap.parse_intermixed_args(argv)
     from fot.checkpoint import CheckpointError
     from fot.data.sources import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
         summary = train(cfg, progress=not args.no_progress)
-    except (ConfigError, TrainError, DataError, CheckpointError) as e:
+    except (ConfigError, ShardingError, TrainError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2 if isinstance(e, (ConfigError, ShardingError)) else 1
     return 128 + summary["signal"] if "signal" in summary else 0
 
 

@@ -76,6 +76,17 @@ def test_no_memory_within_one_window_equals_logits():
                   - np.asarray(model.logits(ids))).max() <= 1e-5
 
 
+def test_rope_scaled_model_reads_long_input():
+    # rope_scaling is a dict inside the config, which the jitted steps take as a static argument
+    rope = {"rope_type": "linear", "factor": 2.0}
+    model = tiny(layers=(), rope_scaling=rope)
+    ids = ids_of(LCL, batch=2, seed=7)
+    assert np.abs(np.asarray(model.logits_long(ids)) - np.asarray(model.logits(ids))).max() <= 1e-5
+    with_memory = tiny(rope_scaling=rope)
+    assert with_memory.logits_long(ids_of(3 * W, seed=8)).shape == (1, 3 * W, V)
+    assert with_memory.generate(ids_of(2 * W, seed=9), 3, stop_at_eos=False).shape == (1, 3)
+
+
 def test_logprobs_long_are_the_logits_log_softmax():
     model = tiny()
     ids = ids_of(3 * W + 5, seed=7)

@@ -112,6 +112,23 @@ def test_optimizer_state_is_sharded_like_the_parameters():
     assert params[("layers", "self_attn", "q_proj", "kernel")] == P(None, "fsdp", "tensor")
 
 
+def test_optimizer_shardings_follow_the_parameters():
+    from fot.config import TrainConfig
+    from fot.optim import make_optimizer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    mesh = S.make_mesh(MeshConfig())
+    params = S.abstract_state(lambda: nnx.state(init_model(cfg), nnx.Param), mesh).to_pure_dict()
+    shardings = jax.tree.map(lambda a: a.sharding, params)
+    tx = make_optimizer(TrainConfig())  # clipping, then AdamW with masked weight decay
+    clip, (adam, _, schedule) = S.optimizer_shardings(tx, jax.eval_shape(tx.init, params),
+                                                      shardings, mesh)
+    assert adam.mu == shardings and adam.nu == shardings
+    assert adam.mu["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert adam.count.spec == P() and schedule.count.spec == P()
+
+
 def test_previous_rows_without_a_mesh():
     x = jnp.arange(6 * 3, dtype=jnp.float32).reshape(6, 3)
     out = np.asarray(S.previous_rows(x, 2))
@@ -195,6 +212,15 @@ CHILD = textwrap.dedent("""
     res["halo_forward"] = collectives(prev, kvs)
     res["halo_grad"] = collectives(grad, kvs)
     res["local_rows"] = [S.local_batch_rows(mesh, 16).start, S.local_batch_rows(mesh, 16).stop]
+
+    # counting by named scope (what the dry run does for memory layers): a naive halo, padding
+    # the batch-sharded keys instead of previous_rows' permute, makes collectives in its scope
+    def naive(x):
+        with jax.named_scope("halo"):
+            return S._stack_previous(jnp.zeros((3,) + x.shape[1:], x.dtype), x, 3)
+
+    hlo = jax.jit(naive).lower(kvs[0]).compile().as_text()
+    res["naive_halo"] = [S.collective_counts(hlo, scope) for scope in (None, "halo", "other")]
     print("RESULT " + json.dumps(res))
 """)
 
@@ -252,6 +278,12 @@ def test_crossbatch_halo_is_one_permute_and_no_all_gather(eight_devices):
                               "all-to-all": 0, "collective-permute": 1}  # k and v in one buffer
     assert r.halo_grad["all-gather"] == 0 and r.halo_grad["collective-permute"] == 2
     assert r.local_rows == [0, 16]  # one process holds every shard
+
+
+def test_collectives_are_counted_by_named_scope(eight_devices):
+    everything, in_scope, elsewhere = eight_devices.naive_halo
+    assert sum(everything.values()) > 0 and in_scope == everything
+    assert sum(elsewhere.values()) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,3 +353,63 @@ def test_peak_flops_table_and_mfu(monkeypatch):
     peak, source = F.peak_flops(dev("cpu"))
     assert peak > 1e6 and "measured 128x128" in source
     assert F.mfu(1000.0, 6e9, 1e13, n_devices=2) == pytest.approx(0.3)
+
+
+def test_system_peak_counts_accelerators_per_device_and_cpus_per_host(monkeypatch):
+    dev = lambda kind, platform, process: SimpleNamespace(device_kind=kind, platform=platform,
+                                                           process_index=process)
+    monkeypatch.delenv("FOT_PEAK_FLOPS", raising=False)
+    gpus = [dev("NVIDIA H100 80GB HBM3", "gpu", i // 4) for i in range(8)]  # 2 hosts x 4
+    assert F.system_peak_flops(gpus)[:2] == (989e12, 8)
+    monkeypatch.setenv("FOT_PEAK_FLOPS", "1e9")
+    # 8 simulated CPU devices of 2 processes share their hosts' cores: the peak counts per host
+    assert F.system_peak_flops([dev("cpu", "cpu", i // 4) for i in range(8)])[:2] == (1e9, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-process launch
+
+LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
+               "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+@pytest.mark.parametrize("env, found", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "8"}, "SLURM"),
+    ({"SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+    ({"OMPI_MCA_orte_hnp_uri": "1.2.3.4;tcp://x", "OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "TPU pod"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "TPU pod"),
+])
+def test_distributed_env_detects_multi_process_launchers(monkeypatch, env, found):
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert S.distributed_env() == found
+
+
+def test_initialize_distributed_follows_the_config(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert S.initialize_distributed("auto") is None and calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert S.initialize_distributed(False) is None and calls == []
+    assert S.initialize_distributed("auto") == "JAX_COORDINATOR_ADDRESS"
+    assert calls == [{"num_processes": 2, "process_id": 1}]
+
+    def fail(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    with pytest.raises(S.ShardingError, match=r"mesh.distributed=True \(no launcher found\): "
+                                              r"jax.distributed.initialize failed: coordinator"):
+        S.initialize_distributed(True)

@@ -56,13 +56,16 @@ class PasskeyCorpus:
     """Document i = a passkey document drawn from a generator seeded with (seed, i); unbounded.
 
     Length uniform in min_chars..max_chars characters, key uniform in 1..49999 at a uniform depth of
-    the filler, ending with the question and its answer: "... The pass key is {K}." Half of the
-    documents use the evaluation's filler exactly; the other half interleave it with chunks of stdlib
-    text, so the model must retrieve the key rather than spot the only non-repetitive line.
+    the filler, ending with the question and its answer: "... The pass key is {K}." A fraction
+    `mixed_filler` of the documents interleave the evaluation's filler with chunks of stdlib text, so
+    the model must retrieve the key rather than spot the only non-repetitive line; the others use
+    the evaluation's filler exactly.
     """
 
-    def __init__(self, seed: int, min_chars: int = 2000, max_chars: int | None = None):
+    def __init__(self, seed: int, min_chars: int = 2000, max_chars: int | None = None,
+                 mixed_filler: float = 0.5):
         self.seed = seed
+        self.mixed_filler = mixed_filler
         self.min_chars = min_chars
         self.max_chars = max_chars if max_chars is not None else 4 * min_chars
         self._real = None  # stdlib files for the mixed filler, listed on first use
@@ -72,7 +75,7 @@ class PasskeyCorpus:
         n_chars = int(rng.integers(self.min_chars, self.max_chars + 1))
         key = passkey.sample_key(rng)
         depth = float(rng.random())
-        real_fraction = 0.5 if rng.random() < 0.5 else 0.0
+        real_fraction = 0.5 if rng.random() < self.mixed_filler else 0.0
         answer = f" {key}."
         n = max(n_chars - len(passkey.assemble("", "", key)) - len(answer), 0)
         cut = int(round(depth * n))

@@ -83,7 +83,7 @@ def open_source(cfg: SourceConfig, seed: int, where: str = "data.sources") -> So
         corpus = StdlibCorpus(cfg.min_chars, cfg.max_chars)
         return Source(label, corpus, len(corpus), seed)
     if cfg.path == "builtin:passkey":
-        return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars), None, seed)
+        return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars, cfg.mixed_filler), None, seed)
     if cfg.path.startswith("builtin:"):
         raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey)")
 

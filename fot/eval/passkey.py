@@ -114,9 +114,11 @@ def new_tokens(output: Any) -> list[int]:
 
 def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
                 depths: str | Sequence[float] = "uniform", seed: int = 0, method: str = "model",
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, until_wrong: bool = False) -> list[dict]:
     """Every trial as a dict: method, length, trial, depth, key, prompt_tokens, answer, answer_ids,
-    generated_ids, generated (decoded), correct."""
+    generated_ids, generated (decoded), correct. `until_wrong`: a generator with `greedy_until_wrong`
+    (the FullAttention baseline) gets the same verdict from one forward instead of one per answer
+    token, and its generated_ids end at the first wrong token."""
     from tqdm.auto import tqdm
 
     tok = model.tokenizer
@@ -129,7 +131,10 @@ def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
     for t in bar:
         p = prompts.build_passkey_prompt(tok, t["length"], t["depth"], t["key"])
         n = len(p.answer_ids)
-        out = new_tokens(model.generate(p.ids, max_new_tokens=n, temperature=0.0))
+        if until_wrong and hasattr(model, "greedy_until_wrong"):
+            out = model.greedy_until_wrong(p.ids, p.answer_ids)
+        else:
+            out = new_tokens(model.generate(p.ids, max_new_tokens=n, temperature=0.0))
         correct = score(out, p.answer_ids)
         hits += correct
         results.append({"method": method, **t, "prompt_tokens": len(p.ids), "answer": p.answer,
@@ -150,25 +155,45 @@ class FullAttention:
     Each step is one full forward over prompt + answer-so-far padded to a fixed length (one compile
     per prompt length; causal masking makes the padding invisible). `dynamic` RoPE scaling therefore
     sees the padded length N + n - 1 on every step, a difference of < n tokens from a growing cache.
+    `greedy_until_wrong` (run_passkey's `until_wrong`) gets the verdict from one forward instead of n.
     """
 
     def __init__(self, model):
         self.model = model
         self.tokenizer = model.tokenizer
 
+    def _buffer(self, prompt_ids, max_new_tokens: int) -> tuple[np.ndarray, int]:
+        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+        buf = np.full((1, len(ids) + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
+        buf[0, :len(ids)] = ids
+        return buf, len(ids)
+
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **_) -> list[int]:
         if temperature != 0.0:
             raise ValueError("FullAttention decodes greedily (temperature 0)")
-        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
-        n = len(ids)
-        buf = np.full((1, n + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
-        buf[0, :n] = ids
+        buf, n = self._buffer(prompt_ids, max_new_tokens)
         out = []
         for i in range(max_new_tokens):
             logits = self.model.logits(buf)[0, n - 1 + i]
             out.append(int(np.argmax(np.asarray(logits))))
             if i + 1 < max_new_tokens:
                 buf[0, n + i] = out[-1]
+        return out
+
+    def greedy_until_wrong(self, prompt_ids, answer_ids: Sequence[int]) -> list[int]:
+        """generate()'s tokens up to and including the first one that differs from answer_ids, from
+        ONE forward over prompt + answer (teacher forcing): while the greedy tokens equal the answer,
+        generate() feeds the very same buffer, so every logit up to the first mismatch is the same.
+        What follows a wrong token is not computed: the trial is wrong either way."""
+        answer = [int(t) for t in answer_ids]
+        buf, n = self._buffer(prompt_ids, len(answer))
+        buf[0, n:] = answer[:-1]
+        picks = np.argmax(np.asarray(self.model.logits(buf)[0, n - 1:]), axis=-1)
+        out = []
+        for pick, want in zip(picks, answer):
+            out.append(int(pick))
+            if out[-1] != want:
+                break
         return out
 
 

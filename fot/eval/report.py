@@ -43,7 +43,12 @@ def format_length(n: int) -> str:
 
 def run_info() -> dict[str, Any]:
     """The exact command, machine and date, recorded with every result."""
-    return {"command": " ".join([Path(sys.executable).name, "-m", *sys.argv]) if sys.argv else "",
+    import shlex
+
+    # Under `python -m pkg.mod`, sys.argv[0] is the module's file: name the module instead.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return {"command": shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]]) if sys.argv else "",
             "argv": list(sys.argv), "machine": platform.platform(), "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

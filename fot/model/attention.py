@@ -30,31 +30,28 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
-def scores_partial(s: jax.Array, mask: jax.Array | None, v: jax.Array, v_spec: str) -> Partial:
-    """Partial from scores s [B, T, K, G, S] (float32, already scaled), mask broadcastable to s.
+def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> Partial:
+    """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S]).
 
-    `v_spec` is the einsum spec of v with the key axis named s (e.g. "bskd", or "btkgsd" for keys
-    gathered per query).
+    Computed kv-head major ([B, K, G, T, S] scores, batch axes leading): XLA:CPU then runs each
+    product as one batched GEMM instead of transposing around it (3x faster on the tiny model).
     """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
+    kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
+    vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
+    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * d ** -0.5
     if mask is not None:
+        mask = jnp.moveaxis(mask, 1, 3)  # [B, T, K|1, G|1, S] -> [B, K|1, G|1, T, S]
         s = jnp.where(mask, s, NEG_INF)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
     if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    l = jnp.sum(p, axis=-1)
-    o = jnp.einsum(f"btkgs,{v_spec}->btkgd", p, v.astype(jnp.float32))
-    b, t, k, g, d = o.shape
-    return Partial(o.reshape(b, t, k * g, d), m.reshape(b, t, k * g), l.reshape(b, t, k * g))
-
-
-def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> Partial:
-    """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S])."""
-    kv_heads = k.shape[2]
-    qg = group_queries(q, kv_heads).astype(jnp.float32)
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("btkgd,bskd->btkgs", qg, k.astype(jnp.float32)) * scale
-    return scores_partial(s, mask, v, "bskd")
+        p = jnp.where(mask, p, 0.0)  # rows with nothing visible: zeros, not exp(0)
+    o = jnp.einsum("bkgts,bksd->bkgtd", p, vh)
+    back = lambda a: jnp.moveaxis(a, 3, 1).reshape(b, t, h, *a.shape[4:])
+    return Partial(back(o), back(m), back(jnp.sum(p, axis=-1)))
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,90 @@
+"""Training step: achieved model FLOP/s over this process's large-matmul FLOP/s (issue 6).
+
+    python -m bench.bench_train [--models tiny 100m] [--steps 5]
+
+For each model: the real train step (fot.train.StepPlan: forward with crossbatch memory layers,
+backward, clipped AdamW update) on every device of this process, compiled once, fed a fixed
+synthetic batch (uniform random tokens: the step's cost does not depend on the data), one warm-up
+step, then `--steps` timed steps, each until its new state is ready. Achieved FLOP/s = model FLOPs
+per step (fot.flops.train_flops_per_token x tokens; masked attention scores, the optimizer and
+elementwise work are not counted) / median step time; the ratio divides it by
+fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
+right before. Models: configs/tiny.yaml as it is; configs/100m.yaml with one pack of 4 windows of
+1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from fot import flops, sharding
+from fot.config import MeshConfig, load_config
+from fot.train import StepPlan
+
+MODELS = {
+    "tiny": ("configs/tiny.yaml", []),
+    "100m": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
+                                   "memory.dtype=float32"]),
+}
+
+
+def bench(name: str, steps: int) -> dict:
+    path, overrides = MODELS[name]
+    cfg = load_config(path, overrides)
+    cfg = cfg.replace(mesh=MeshConfig())  # every device of this process, data-parallel
+    plan = StepPlan(cfg, sharding.make_mesh(cfg.mesh))
+    rng = np.random.default_rng(0)
+    b, t = cfg.train.batch_size, plan.window
+    ids = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    batch = plan.put_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                            "loss_mask": np.ones((b, t), np.float32)})
+    state = plan.init_state(plan.random_params())
+    t0 = time.perf_counter()
+    step = plan.compile()
+    compile_s = time.perf_counter() - t0
+    matmul = flops.measure_matmul_flops(flops.MATMUL_N)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i:  # the first run is the warm-up
+            times.append(time.perf_counter() - t0)
+    model_flops = flops.train_flops_per_token(cfg) * b * t
+    median = statistics.median(times)
+    return {"model": name, "params": plan.param_count(), "tokens": b * t,
+            "gflop_step": model_flops / 1e9, "compile_s": compile_s, "median_s": median,
+            "achieved": model_flops / median, "matmul": matmul,
+            "ratio": model_flops / median / matmul, "loss": float(metrics["loss"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    args = ap.parse_args(argv)
+    devices = jax.devices()
+    print(f"jax {jax.__version__}, {len(devices)} {devices[0].device_kind} device(s), "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
+    print("| model | parameters | tokens/step | model GFLOP/step | compile s | median step s | "
+          "achieved GFLOP/s | matmul GFLOP/s | achieved / matmul |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        r = bench(name, args.steps)
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tokens']} | "
+              f"{r['gflop_step']:.1f} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
+              f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} |",
+              flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Experiment config files: the usual fot sections plus an `experiment:` block (and a `sweep:` block
+for ablation grids), validated like fot configs: an unknown key, a wrong type or an impossible value is
+a `ConfigError` naming the dotted key and the file.
+
+    model: ... memory: ... data: ... train: ...   # the model trained (fot.config)
+    experiment:
+      name: passkey_tiny          # results go to experiments/results/<name>/ (default: file name)
+      lengths: [256, 1k, 4k, 16k] # passkey prompt lengths in tokens (1k = 1024)
+      trials: 10                  # per length (per length and depth for a depth grid)
+      depths: uniform             # or a list of fractions in [0, 1]
+      seed: 0
+      methods: [fot-dense, baseline+yarn, ...]  # passkey_retrieval only (experiments/methods.py)
+      baseline_overrides: ["train.learning_rate=1e-3"]  # passkey_retrieval only
+    sweep:                        # experiments.sweep only
+      axes: {train.cross_batch_range: [0, 1, 3]}  # or cells: [{key: value, ...}, ...]
+
+`key=value` overrides from the command line apply to the whole file (`experiment.trials=2` too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fot.config import Config, ConfigError, apply_overrides, build, config_from_dict
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str | None = None
+    lengths: tuple[int | str, ...] = ("1k", "4k", "16k")
+    trials: int = 10
+    depths: str | tuple[float, ...] = "uniform"
+    seed: int = 0
+    methods: tuple[str, ...] = ()  # empty: the runner's default set
+    baseline_overrides: tuple[str, ...] = ()
+
+    def token_lengths(self) -> list[int]:
+        from fot.eval.report import parse_length
+
+        return sorted({parse_length(str(n)) for n in self.lengths})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    # dotted config key -> values; or a label -> list of {dotted key: value} bundles varied together
+    axes: dict[str, Any] = field(default_factory=dict)
+    cells: tuple[dict[str, Any], ...] = ()  # an explicit list of cells instead of a product of axes
+
+
+@dataclass(frozen=True)
+class ExperimentFile:
+    """One loaded experiment config: the fot config, the experiment block, the sweep block (or None)."""
+
+    config: Config
+    experiment: ExperimentConfig
+    sweep: SweepConfig | None
+    path: str
+    overrides: tuple[str, ...]
+    where: str  # the file (and overrides) for error messages
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name or Path(self.path).stem
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentFile:
+    """Read and validate an experiment config (the fot sections, experiment and sweep blocks)."""
+    where = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    if overrides:
+        values = apply_overrides(values, list(overrides))
+        where += " (with overrides " + " ".join(overrides) + ")"
+    sections = {f.name for f in dataclasses.fields(Config)} | {"experiment", "sweep"}
+    for key in values:
+        if key not in sections:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
+    ex_values, sweep_values = values.pop("experiment", None) or {}, values.pop("sweep", None)
+    for key, block in (("experiment", ex_values), ("sweep", sweep_values)):
+        if block is not None and not isinstance(block, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {block!r}")
+    ex = build(ExperimentConfig, ex_values, where, "experiment")
+    sweep = None if sweep_values is None else build(SweepConfig, sweep_values, where, "sweep")
+    cfg = config_from_dict(values, where)
+    _validate(ex, cfg, where)
+    return ExperimentFile(cfg, ex, sweep, str(path), tuple(overrides), where)
+
+
+def _validate(ex: ExperimentConfig, cfg: Config, where: str) -> None:
+    from fot.data.tokenizer import load_tokenizer
+    from fot.eval import passkey
+    from fot.eval.report import parse_length
+
+    if not ex.lengths:
+        raise ConfigError(f"{where}: experiment.lengths is empty")
+    for i, n in enumerate(ex.lengths):
+        try:
+            parse_length(str(n))
+        except ValueError as e:
+            raise ConfigError(f"{where}: experiment.lengths[{i}]: {e}") from None
+    if ex.trials <= 0:
+        raise ConfigError(f"{where}: experiment.trials must be positive, got {ex.trials}")
+    try:
+        passkey.parse_depths(ex.depths)
+    except ValueError as e:
+        raise ConfigError(f"{where}: experiment.depths: {e}") from None
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except Exception as e:  # noqa: BLE001 - any loader failure: the prompt lengths cannot be checked
+        raise ConfigError(f"{where}: data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
+    try:
+        passkey.check_lengths(tokenizer, ex.token_lengths())
+    except ValueError as e:
+        raise ConfigError(f"{where}: experiment.lengths: {e}") from None
+
+
+def check_capacity(cfg: Config, lengths: list[int], where: str) -> None:
+    """Memory on reads whole prompts into the memory: the longest must fit in memory.capacity."""
+    if max(lengths) > cfg.memory.capacity:
+        raise ConfigError(f"{where}: experiment.lengths reaches {max(lengths)} tokens, more than "
+                          f"memory.capacity={cfg.memory.capacity}; raise memory.capacity")

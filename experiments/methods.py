@@ -1,0 +1,78 @@
+"""Evaluated methods of the passkey comparison, named by a small grammar:
+
+    fot-RETRIEVAL[+ROPE[:F]]   the FoT model with its memory (RETRIEVAL: dense, knn, ivf); with +ROPE the
+                               local window is F x the FoT window, RoPE-scaled by ROPE (F defaults to
+                               train.pack_size: the context the baseline attends to in training)
+    baseline[+ROPE[:F]]        the baseline with plain causal attention over the whole prompt; ROPE
+                               scales by F, by default (eval length / baseline training context) at
+                               each length, at least 1
+    ROPE: linear, ntk, dynamic, yarn, llama3 (fot.eval.passkey.rope_scaling_from_spec)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from fot.eval import passkey
+
+RETRIEVALS = ("dense", "knn", "ivf")
+ROPES = tuple(n for n in passkey.ROPE_NAMES if n != "none")
+DEFAULT_METHODS = ("fot-dense", "fot-knn", "fot-dense+linear", "fot-dense+yarn", "baseline",
+                   *(f"baseline+{r}" for r in ROPES))
+
+
+@dataclass(frozen=True)
+class Method:
+    spec: str
+    model: str  # "fot" or "baseline"
+    retrieval: str | None  # fot only
+    rope: str | None
+    factor: float | None  # None: the default described in the module docstring
+
+
+def parse_method(spec: str) -> Method:
+    head, plus, rope = spec.partition("+")
+    model, _, retrieval = head.partition("-")
+    name, colon, factor = rope.partition(":")
+    ok = ((model == "fot" and retrieval in RETRIEVALS) or (model == "baseline" and not retrieval)) \
+        and (not plus or name in ROPES)
+    value = None
+    if ok and colon:
+        try:
+            value = float(factor)
+            ok = value >= 1
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"unknown method {spec!r}: use fot-RETRIEVAL[+ROPE[:F]] or baseline[+ROPE[:F]] "
+                         f"with RETRIEVAL one of {', '.join(RETRIEVALS)}, ROPE one of "
+                         f"{', '.join(ROPES)} and a factor F >= 1")
+    return Method(spec, model, retrieval or None, name or None, value)
+
+
+def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack_size: int, trials: int,
+             depths, seed: int, progress: bool = True) -> tuple[list[dict], dict]:
+    """Passkey trials of one method on its loaded model (fot or baseline), each trial recording the
+    RoPE scaling and local window it ran with; and the method's settings for results.json."""
+    if method.model == "fot":
+        win = window if method.rope is None else int(window * (method.factor or pack_size))
+        # No factor in the spec: prepare() scales max_position_embeddings to the window.
+        gen, _ = passkey.prepare(model, memory=True, retrieval=method.retrieval, rope_scaling=method.rope,
+                                 window=win)
+        runs = [(gen, list(lengths))]
+    else:
+        win = None
+        spec = method.rope and (method.rope + (f":{method.factor:g}" if method.factor else ""))
+        # One configuration per length: the default factor follows the length.
+        runs = [(passkey.prepare(model, memory=False, rope_scaling=spec, max_length=n)[0], [n])
+                for n in lengths]
+    out = []
+    for gen, ns in runs:
+        rope = gen.model.config.model.rope_scaling
+        for t in passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True):
+            out.append({**t, "window": win, "rope_scaling": dict(rope) if rope else None})
+    info = {"model": method.model, "memory": method.model == "fot", "retrieval": method.retrieval,
+            "knn_k": model.config.memory.knn_k if method.retrieval == "knn" else None, "window": win,
+            "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out}}
+    return out, info

@@ -1,0 +1,100 @@
+"""Training for the experiments: train a config, or reuse its finished run directory.
+
+A run is finished when `<run_dir>/final` exists and the latest checkpoint is at train.steps; it is then
+reused without calling the trainer. A run directory holding a run of another config (other than in
+the keys below, which do not change what is trained up to a step) is an error rather than a silent
+resume of the wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fot.config import Config, ConfigError, config_from_dict
+
+# Keys that do not change the trained weights: more steps continue the same run; the others only
+# matter at inference (crossbatch training attends densely whatever the retrieval mode).
+BOOKKEEPING = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+EVAL_ONLY = ("memory.retrieval", "memory.knn_k", "memory.ivf_clusters", "memory.ivf_probe",
+             "memory.capacity", "memory.on_full", "memory.last_context_length")
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT (its checkpoint is saved); carries the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"training interrupted by signal {signum}; re-run to resume")
+        self.signum = signum
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "rope_scaling" else {key: v})
+    return out
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the finished checkpoints (orbax writes a step under a temporary name first)."""
+    ckpt = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def check_same_run(cfg: Config, run_dir: Path) -> None:
+    """Raise if run_dir holds a run of a different config (ignoring BOOKKEEPING, EVAL_ONLY, the run
+    dir and the device mesh). The saved config is read with today's defaults for keys added since."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()) or {}, str(saved))
+
+    def relevant(c: Config) -> dict[str, Any]:
+        return {k: v for k, v in _flat(c.to_dict()).items()
+                if k not in {*BOOKKEEPING, *EVAL_ONLY, "train.run_dir"} and not k.startswith("mesh.")}
+
+    old, new = relevant(saved_cfg), relevant(cfg)
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
+        raise ConfigError(f"{run_dir} holds a run of another config ({shown}); delete it or choose "
+                          f"another output directory")
+
+
+def last_loss(run_dir: Path, step: int) -> float:
+    """The training loss at `step` from metrics.jsonl (NaN if it was not logged)."""
+    path = run_dir / "metrics.jsonl"
+    loss = math.nan
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("step") == step:
+                loss = rec["loss"]  # the last record wins: a resumed run may log a step again
+    return loss
+
+
+def ensure_trained(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train cfg (resuming from its run dir) unless it is finished. Returns run_dir, final (the model
+    directory), steps, final_loss, trained (False: reused) and, when trained, the trainer's seconds."""
+    run_dir = Path(cfg.train.run_dir)
+    check_same_run(cfg, run_dir)
+    steps = checkpoint_steps(run_dir)
+    done = steps[-1] if steps else 0
+    if done > cfg.train.steps:
+        raise ConfigError(f"{run_dir} is trained to step {done}, beyond train.steps={cfg.train.steps}; "
+                          f"delete it or choose another output directory")
+    info = {"run_dir": str(run_dir), "final": str(run_dir / "final"), "steps": cfg.train.steps}
+    if done == cfg.train.steps and (run_dir / "final" / "config.yaml").is_file():
+        print(f"{run_dir}: trained to step {done}, reusing {run_dir / 'final'}", flush=True)
+        return {**info, "trained": False, "final_loss": last_loss(run_dir, done)}
+    from fot.train import train
+
+    summary = train(cfg, progress=progress)
+    if "signal" in summary:
+        raise Interrupted(summary["signal"])
+    return {**info, "trained": True, "final_loss": summary["final_loss"], "seconds": summary["seconds"]}
