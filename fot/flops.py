@@ -53,7 +53,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, memory_layers: int = 0,
 
 def crossbatch_contexts(batch_size: int, pack_size: int, cross_batch_range: int,
                         stepping: bool) -> float:
-    """Mean number of OTHER batch rows a row reads in a memory layer (DESIGN.md: row i of a pack
+    """Mean number of OTHER batch rows a row reads in a memory layer (fot/model/crossbatch.py: row i of a pack
     sees min(i*step + 1, R + 1) contexts with stepping, R + 1 without, counting itself, and global
     row b never more than b + 1)."""
     r = cross_batch_range

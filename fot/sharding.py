@@ -89,6 +89,9 @@ def initialize_distributed(mode: bool | str) -> str | None:
         return None
     kwargs = {}
     if found == "JAX_COORDINATOR_ADDRESS" and "JAX_NUM_PROCESSES" in os.environ:
+        if "JAX_PROCESS_ID" not in os.environ:
+            raise ShardingError("JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not: set this "
+                                "process's id (0 .. JAX_NUM_PROCESSES-1) too")
         kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
                   "process_id": int(os.environ["JAX_PROCESS_ID"])}
     try:

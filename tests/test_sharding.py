@@ -404,6 +404,10 @@ def test_initialize_distributed_follows_the_config(monkeypatch):
     assert S.initialize_distributed(False) is None and calls == []
     assert S.initialize_distributed("auto") == "JAX_COORDINATOR_ADDRESS"
     assert calls == [{"num_processes": 2, "process_id": 1}]
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(S.ShardingError, match="JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not"):
+        S.initialize_distributed("auto")
+    assert len(calls) == 1
 
     def fail(**kw):
         raise ValueError("coordinator_address should be defined.")
