@@ -14,9 +14,11 @@ runs. The jitted step has explicit in/out shardings, is compiled once, ahead of 
 functional state (params and optimizer state as plain pytrees; `nnx.merge` rebuilds the module
 inside), with the state donated. Metrics of step N are fetched only after step N+1 is dispatched,
 so the host never stalls the device. Several processes (`mesh.distributed`, see
-fot.sharding.initialize_distributed): every process runs this same loop, loads only its rows of
-each batch, writes its shards of every checkpoint; logs, progress and TensorBoard come from
-process 0 only.
+fot.sharding.initialize_distributed): every process runs this same loop, reads, tokenizes and packs
+only the pack slots of its rows of each batch (fot/data/pipeline.py: each slot its own share of the
+data), writes its shards of every checkpoint; the data position saved with a checkpoint joins every
+process's slots, so any number of processes resumes from it; logs, progress and TensorBoard come
+from process 0 only.
 
 `--dry-run` lowers and compiles the step for the configured mesh on abstract parameters (nothing
 allocated, no weights, tokenizer or data read) and prints the parameter count, model FLOPs per
@@ -179,6 +181,14 @@ class StepPlan:
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                             out_shardings=(self.shardings, self.replicated), donate_argnums=0)
         self.rows = sharding.local_batch_rows(mesh, self.micro)
+        # The pack slots of this process's rows (of every micro-batch), which is all this process
+        # builds (BatchStream(cfg, slots=plan.slots)), and where its rows are in what it builds.
+        k = tr.pack_size
+        rows = np.arange(self.rows.start, self.rows.stop)
+        glob = np.arange(self.accum)[:, None] * self.micro + rows[None, :]  # [accum, local rows]
+        self.slots = sorted({int(g) // k for g in glob.flat})
+        at = {s: i for i, s in enumerate(self.slots)}
+        self._take = np.vectorize(lambda g: at[g // k] * k + g % k, otypes=[np.int64])(glob)
 
     def random_params(self) -> dict:
         """Parameters initialised from train.seed, each created directly in its shards."""
@@ -197,14 +207,15 @@ class StepPlan:
             return self.step.lower(self.abstract, self.abstract_batch).compile()
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A global pipeline batch -> this process's rows of every micro-batch, on the mesh.
-
-        Every process builds the whole global batch and keeps its rows: the packer fills each
-        pack from one shared document stream, so which document lands in which row depends on all
-        the rows before it, and a row subset cannot be produced without the rest (tokenizing is
-        cheap next to a step; the data position in checkpoints stays one global state)."""
-        local = {k: batch[k].reshape(self.accum, self.micro, self.window)[:, self.rows]
-                 for k in BATCH_KEYS}
+        """The rows of this process's pack slots (`BatchStream(cfg, slots=self.slots)`, k rows per
+        slot in slot order; on one process the global batch) -> its rows of every micro-batch, on
+        the mesh."""
+        want = len(self.slots) * self.cfg.train.pack_size
+        for key in BATCH_KEYS:
+            if batch[key].shape != (want, self.window):
+                raise TrainError(f"batch {key!r} has shape {batch[key].shape}, not the {want} rows "
+                                 f"of pack slots {self.slots} x {self.window} tokens")
+        local = {key: batch[key][self._take] for key in BATCH_KEYS}
         return sharding.shard_batch(local, self.mesh, micro=True)
 
     def param_count(self) -> int:
@@ -250,11 +261,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _check_inputs(cfg: Config):
+def _check_inputs(cfg: Config) -> None:
     """Find the tokenizer, every data source and the weights before anything heavy, and report all
     that is missing in one message. Without network the hub libraries are put in offline mode first,
     so a missing download fails at once instead of after minutes of retries."""
-    from fot.data.pipeline import BatchStream
     from fot.data.sources import open_source
     from fot.data.tokenizer import load_tokenizer
 
@@ -285,7 +295,23 @@ def _check_inputs(cfg: Config):
                             f"fot checkpoint)")
     if problems:
         raise TrainError("cannot start training, missing inputs:\n  - " + "\n  - ".join(problems))
-    return BatchStream(cfg)
+
+
+def _all_slots(data_state: dict) -> dict:
+    """The data positions of every process's pack slots in one state (all processes call this at
+    the same step): what a checkpoint stores, so that any set of processes can resume from it."""
+    if jax.process_count() == 1:
+        return data_state
+    from jax.experimental import multihost_utils
+
+    from fot.data.pipeline import merge_states
+
+    blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(blob)))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(blob)] = blob
+    got = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return merge_states([json.loads(got[i, :int(n)].tobytes()) for i, n in enumerate(sizes)])
 
 
 def _validate(cfg: Config) -> None:
@@ -384,11 +410,14 @@ def _gib(n: int) -> str:
 
 def train(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss."""
+    from fot.data.pipeline import BatchStream
+
     _validate(cfg)
     tr = cfg.train
-    stream = _check_inputs(cfg)  # (touches no device: the processes join in _mesh)
+    _check_inputs(cfg)  # (touches no device: the processes join in _mesh)
     mesh = _mesh(cfg)
     plan = StepPlan(cfg, mesh)
+    stream = BatchStream(cfg, slots=plan.slots)  # this process's pack slots only
     lead = jax.process_index() == 0
     say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
     run_dir = Path(tr.run_dir)
@@ -409,7 +438,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
         say(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})")
     start = start or 0
 
-    data_state = {start: stream.state()}  # data position after each step, kept for in-flight steps
+    data_state = {start: stream.state()}  # this process's data position after each step, kept
+    # for in-flight steps
     batch = plan.put_batch(next(stream)) if start < tr.steps else None
     if batch is not None:
         compiled = plan.compile()
@@ -444,7 +474,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
         return stop["signal"] is not None
 
     def meta(step: int) -> dict:
-        return {"step": step, "rng": np.asarray(rng).tolist(), "data": data_state[step]}
+        """A checkpoint's metadata. With several processes a collective (every process saves at
+        the same steps): the data position joins all processes' pack slots."""
+        return {"step": step, "rng": np.asarray(rng).tolist(), "data": _all_slots(data_state[step])}
 
     last = {"time": time.perf_counter(), "loss": math.nan}
     summary = {"start_step": start, "steps": tr.steps}

@@ -9,7 +9,7 @@ import pytest
 from fot.config import ConfigError, SourceConfig, config_from_dict
 from fot.data import passkey
 from fot.data.builtin import PasskeyCorpus, StdlibCorpus
-from fot.data.pipeline import BatchStream
+from fot.data.pipeline import BatchStream, merge_states
 from fot.data.sources import DataError, DocStream, Source, open_source
 from fot.data.tokenizer import ByteTokenizer
 
@@ -124,6 +124,23 @@ def test_epochs_reshuffle_and_cover_everything():
     assert e0 == [Source("test", corpus, 20, seed=5).text(0, i) for i in range(20)]
 
 
+def test_slot_shares_partition_every_epoch():
+    corpus = [f"t{i}" for i in range(10)]
+    src = Source("test", corpus, len(corpus), seed=5)
+    assert src.share(0, 1) is src
+    shares = [src.share(s, 4) for s in range(4)]
+    assert [sh.length for sh in shares] == [3, 3, 2, 2]
+    for epoch in (0, 1):
+        got = [[sh.text(epoch, i) for i in range(sh.length)] for sh in shares]
+        assert sorted(sum(got, [])) == sorted(corpus)  # each document in exactly one share
+        assert all(int(t[1:]) % 4 == s for s, g in enumerate(got) for t in g)
+    # fewer documents than slots: every slot still has one; unbounded: documents s, s+n, ...
+    few = Source("few", ["a", "b", "c"], 3, seed=0)
+    assert [few.share(s, 4).text(0, 0) for s in range(4)] == ["a", "b", "c", "a"]
+    endless = Source("endless", PasskeyCorpus(1, 100, 200), None, seed=1)
+    assert [endless.share(2, 4).index(0, i) for i in range(3)] == [2, 6, 10]
+
+
 def test_mixture_weights_roughly_respected():
     a = Source("a", ["x" * 50] * 10, 10, seed=0)
     b = Source("b", ["y" * 50] * 10, 10, seed=1)
@@ -143,16 +160,17 @@ def test_all_documents_shorter_than_window_is_an_error(tmp_path):
     stream = BatchStream(cfg_for([{"path": path}], window=32, min_doc_tokens=500))
     with pytest.raises(DataError, match="min_doc_tokens"):
         next(stream)
-    # an unbounded source (passkey) whose documents never reach the window
+    # an unbounded source (passkey) whose documents never reach the window; each pack slot reads
+    # its own documents (~6 a step here), so slot 0 reaches its 1000th within 200 steps
     stream = BatchStream(cfg_for([{"path": "builtin:passkey", "min_chars": 300, "max_chars": 400}],
                                  window=1024))
     with pytest.raises(DataError, match="first 1000 documents"):
-        for _ in range(100):
+        for _ in range(200):
             next(stream)
 
 
 def test_min_doc_tokens_skips_short_documents(tmp_path):
-    docs = ["s" * 10, "L" * 200, "s" * 12, "M" * 300]
+    docs = ["s" * 10, "L" * 200, "M" * 300, "s" * 12]  # each of the 2 slots' shares has a long one
     path = write_jsonl(tmp_path / "a.jsonl", docs)
     stream = BatchStream(cfg_for([{"path": path}], window=16, batch=2, k=1, min_doc_tokens=50))
     seen = set()
@@ -258,16 +276,97 @@ def test_exact_resume(tmp_path, streaming):
     for _ in range(7):
         next(stream)
     state = json.loads(json.dumps(stream.state()))
-    epoch = stream.docs.cursors[0].epoch
-    expected = [next(stream) for _ in range(12)]
-    assert stream.docs.cursors[0].epoch > epoch  # the resumed part crosses an epoch boundary
+    epochs = [stream.docs[s].cursors[0].epoch for s in (0, 1)]
+    expected = [next(stream) for _ in range(20)]
+    # the resumed part crosses an epoch boundary of each slot's share
+    assert all(stream.docs[s].cursors[0].epoch > epochs[s] for s in (0, 1))
     resumed = BatchStream(cfg)
     resumed.restore(state)
-    for x, y in zip(expected, [next(resumed) for _ in range(12)]):
+    for x, y in zip(expected, [next(resumed) for _ in range(20)]):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     with pytest.raises(DataError, match="saved for"):
         BatchStream(cfg_for([{"path": path}], window=24, batch=4, k=2, seed=3)).restore(state)
+
+
+def mixed_cfg(path, streaming=False, **kw):
+    """A local corpus mixed with passkey documents, 8 rows in 4 pack slots of k=2."""
+    return cfg_for([{"path": path, "streaming": streaming, "weight": 2.0},
+                    {"path": "builtin:passkey", "min_chars": 100, "max_chars": 250}],
+                   window=16, batch=8, k=2, seed=4, **kw)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_slots_give_exactly_their_rows_of_the_global_batch(tmp_path, streaming):
+    path = write_jsonl(tmp_path / "a.jsonl", texts(40, lo=30, hi=150))
+    cfg = mixed_cfg(path, streaming)
+    full = BatchStream(cfg)
+    one, odd = BatchStream(cfg, slots=[1]), BatchStream(cfg, slots=[3, 1])
+    assert odd.slots == [1, 3]
+    owners = {}
+    for _ in range(6):
+        b, b1, b13 = next(full), next(one), next(odd)
+        for key in b:
+            assert b1[key].shape == (2, 16) and b13[key].shape == (4, 16)
+            np.testing.assert_array_equal(b1[key], b[key][2:4])
+            np.testing.assert_array_equal(b13[key], np.concatenate([b[key][2:4], b[key][6:8]]))
+        for p in range(4):  # doc ids stay unique across slots: no id appears in two packs
+            for d in set(b["doc_ids"][2 * p:2 * p + 2].ravel().tolist()):
+                assert owners.setdefault(d, p) == p
+    # processes' states joined restore any set of slots, and continue exactly
+    lo, hi = BatchStream(cfg, slots=[0, 1]), BatchStream(cfg, slots=[2, 3])
+    for _ in range(4):
+        next(lo), next(hi)
+    joined = json.loads(json.dumps(merge_states([lo.state(), hi.state()])))
+    assert sorted(joined["slots"]) == ["0", "1", "2", "3"]
+    for slots in (None, [2], [0, 3]):
+        ref, again = BatchStream(cfg), BatchStream(cfg, slots=slots)
+        for _ in range(4):
+            next(ref)
+        again.restore(joined)
+        rows = np.concatenate([np.arange(2 * s, 2 * s + 2) for s in again.slots])
+        for _ in range(3):
+            x, y = next(ref), next(again)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key][rows])
+    with pytest.raises(DataError, match=r"holds pack slots \[0, 1\], not \[2\]"):
+        BatchStream(cfg, slots=[2]).restore(lo.state())
+    with pytest.raises(DataError, match="not all among the 4 slots"):
+        BatchStream(cfg, slots=[4])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_slots_tokenize_only_their_own_documents(tmp_path, monkeypatch, streaming):
+    """A process building slots {0, 1} of 4 reads and tokenizes exactly the documents that slots
+    0 and 1 of the global batch use: none of slot 2's or 3's."""
+    path = write_jsonl(tmp_path / "a.jsonl", texts(40, lo=30, hi=150))
+    cfg = mixed_cfg(path, streaming)
+    seen, passkeys = [], []
+    tokenize = DocStream.tokenize
+    monkeypatch.setattr(DocStream, "tokenize", lambda self, text: seen.append((self.slot, text))
+                        or tokenize(self, text))
+    getitem = PasskeyCorpus.__getitem__
+    monkeypatch.setattr(PasskeyCorpus, "__getitem__", lambda self, i: passkeys.append(i)
+                        or getitem(self, i))
+
+    def run(slots):
+        seen.clear(), passkeys.clear()
+        stream = BatchStream(cfg, slots=slots)
+        for _ in range(8):
+            next(stream)
+        return list(seen), list(passkeys)
+
+    full, full_keys = run(None)
+    part, part_keys = run([0, 1])
+    assert {s for s, _ in full} == {0, 1, 2, 3} and {s for s, _ in part} == {0, 1}
+    assert sorted(t for _, t in part) == sorted(t for s, t in full if s in (0, 1))
+    mine = {t for _, t in part}
+    assert not mine & {t for s, t in full if s in (2, 3)}
+    assert part_keys and all(i % 4 in (0, 1) for i in part_keys)  # passkey document i is slot i % 4's
+    assert sorted(part_keys) == sorted(i for i in full_keys if i % 4 in (0, 1))
+    if not streaming:  # local document i belongs to slot i % 4
+        ids = [int(re.match(r"doc (\d+):", t).group(1)) for t in mine if t.startswith("doc ")]
+        assert ids and all(i % 4 in (0, 1) for i in ids)
 
 
 # ------------------------------------------------------------------------------------------------

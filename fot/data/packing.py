@@ -5,6 +5,8 @@ the other, each [BOS] text [EOS], so a document's EOS is followed by the next on
 takes the next k*T tokens of every slot's stream and cuts them into k consecutive windows (rows
 s*k .. s*k+k-1); the next step resumes exactly where the k-th window ended, so documents continue
 across steps. A slot fetches a new document only when its stream runs short, slots in order 0..B/k-1.
+The training pipeline (fot/data/pipeline.py) runs one single-slot Packer per pack slot, each on that
+slot's own document stream, so a host packs only the slots it builds.
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ fresh permutation each epoch, unbounded ones (builtin:passkey) by index, streami
 `datasets`' seeded shuffle buffer. `DocStream` samples which source gives the next document with a
 seeded generator, tokenizes it as [BOS] text [EOS], skips documents shorter than `min_doc_tokens`, and
 fails (instead of looping) when a source has no document as long as the training window.
+
+Sharding: the training pipeline gives each pack slot s of n its own `DocStream(..., slot=s,
+n_slots=n)`, which reads only slot s's share of every source (`share`): of a random-access source of
+L documents, documents i with i % m == s % m (m = min(n, L)), reshuffled each epoch; of an unbounded
+one, documents s, s+n, s+2n, ...; of a streaming dataset with at least n files (shards), every n-th
+file from file s (`IterableDataset.shard`), else rows i with i % n == s of the shuffled stream (every
+row is read, only the share's rows are converted and tokenized). So a host tokenizes only the
+documents of the slots it builds, and the shares partition each epoch of every source.
 """
 
 from __future__ import annotations
@@ -50,6 +58,39 @@ class Source:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length))
         return self.corpus[int(self._perm[1][pos])]
 
+    def share(self, slot: int, n: int) -> "Source | Share":
+        """Pack slot `slot` of `n`'s share of this source (itself when n == 1)."""
+        return self if n == 1 else Share(self, slot, n)
+
+
+class Share:
+    """A random-access source's share for pack slot `slot` of `n`: of L documents, documents i with
+    i % m == slot % m (m = min(n, L)) in a fresh permutation each epoch; unbounded, i = slot + pos*n."""
+
+    random_access = True
+
+    def __init__(self, source: Source, slot: int, n: int):
+        self.source, self.slot = source, slot
+        self.stride = n if not source.length else min(n, source.length)
+        self.first = slot % self.stride
+        self.length = None if source.length is None else len(range(self.first, source.length,
+                                                                     self.stride))
+        self.label = (f"{source.label}, pack slot {slot}'s share (documents i with i % {self.stride} "
+                      f"== {self.first})")
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def index(self, epoch: int, pos: int) -> int:
+        """The source's document index at (epoch, pos) of this share."""
+        if self.length is None:
+            return self.first + pos * self.stride
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.source.seed, epoch, self.slot])
+            self._perm = (epoch, rng.permutation(self.length))
+        return self.first + int(self._perm[1][pos]) * self.stride
+
+    def text(self, epoch: int, pos: int) -> str:
+        return self.source.corpus[self.index(epoch, pos)]
+
 
 class StreamSource:
     """A streaming `datasets.IterableDataset`: sequential only, reshuffled (buffer) each epoch."""
@@ -57,9 +98,24 @@ class StreamSource:
     random_access = False
     length = None  # unknown until the epoch ends
 
-    def __init__(self, label: str, dataset: Any, column: str, seed: int, buffer_size: int = 10_000):
+    def __init__(self, label: str, dataset: Any, column: str, seed: int, buffer_size: int = 10_000,
+                 slot: int = 0, n: int = 1):
         self.label, self.dataset, self.column = label, dataset, column
         self.seed, self.buffer_size = seed, buffer_size
+        self.slot, self.n = slot, n  # this stream gives rows i with i % n == slot (see `share`)
+
+    def share(self, slot: int, n: int) -> "StreamSource":
+        """Pack slot `slot` of `n`'s share: every n-th file (shard) of the dataset from file `slot`
+        when it has at least n files, else rows i with i % n == slot of the shuffled stream."""
+        if n == 1:
+            return self
+        files = getattr(self.dataset, "num_shards", None) or 1
+        if files >= n:
+            ds = self.dataset.shard(num_shards=n, index=slot, contiguous=False)
+            return StreamSource(f"{self.label}, pack slot {slot}'s share (files f with f % {n} == "
+                                f"{slot})", ds, self.column, self.seed, self.buffer_size)
+        return StreamSource(f"{self.label}, pack slot {slot}'s share (rows i with i % {n} == {slot})",
+                            self.dataset, self.column, self.seed, self.buffer_size, slot, n)
 
     def texts(self, epoch: int, start: int) -> Iterator[str]:
         ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.buffer_size)
@@ -67,7 +123,7 @@ class StreamSource:
         for i, row in enumerate(ds):
             if i == 0 and self.column not in row:
                 raise _missing_column(self.label, self.column, list(row))
-            if i >= start:
+            if i % self.n == self.slot and i // self.n >= start:
                 yield _as_text(row[self.column], self.label, self.column)
 
 
@@ -134,7 +190,7 @@ def _as_text(value: Any, label: str, column: str) -> str:
 class Cursor:
     """Where a source is read: (epoch, pos). Also watches that each epoch has a usable document."""
 
-    def __init__(self, source: Source | StreamSource):
+    def __init__(self, source: Source | Share | StreamSource):
         self.source = source
         self.epoch = self.pos = 0
         self.usable = False  # a document of the current epoch was kept and is window-long
@@ -194,18 +250,24 @@ class Doc:
 
 
 class DocStream:
-    """The seeded mixture of sources as an endless stream of tokenized documents with global ids."""
+    """The seeded mixture of sources as an endless stream of tokenized documents with global ids.
 
-    def __init__(self, sources: list, weights: list[float], tokenizer, seed: int, window: int,
-                 min_doc_tokens: int = 0):
+    With `n_slots` > 1 it is pack slot `slot`'s stream: it reads only that slot's share of each
+    source (`share`), and its j-th document has id j * n_slots + slot, unique across all slots."""
+
+    def __init__(self, sources: list, weights: list[float], tokenizer, seed, window: int,
+                 min_doc_tokens: int = 0, slot: int = 0, n_slots: int = 1):
         if len(sources) != len(weights) or not sources:
             raise DataError("DocStream needs one weight per source and at least one source")
+        if not 0 <= slot < n_slots:
+            raise DataError(f"DocStream slot {slot} is not one of {n_slots} slots")
         w = np.asarray(weights, dtype=np.float64)
         self.p = w / w.sum()
-        self.cursors = [Cursor(s) for s in sources]
+        self.slot, self.n_slots = slot, n_slots
+        self.cursors = [Cursor(s.share(slot, n_slots)) for s in sources]
         self.tokenizer, self.window, self.min_doc_tokens = tokenizer, window, min_doc_tokens
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.next_id = 0
+        self.next_id = 0  # documents this stream has given
 
     def tokenize(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
@@ -220,7 +282,8 @@ class DocStream:
             if n < self.min_doc_tokens:
                 continue
             cursor.usable |= n >= self.window
-            doc = Doc(self.next_id, tokens, (i, epoch, pos) if cursor.source.random_access else None)
+            doc = Doc(self.next_id * self.n_slots + self.slot, tokens,
+                      (i, epoch, pos) if cursor.source.random_access else None)
             self.next_id += 1
             return doc
 
