@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from fot.config import Config, ConfigError, apply_overrides, build, config_from_dict
+from fot.config import Config, ConfigError, apply_overrides, build, config_from_dict, read_yaml
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,7 @@ class ExperimentFile:
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentFile:
     """Read and validate an experiment config (the fot sections, experiment and sweep blocks)."""
     where = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{where}: config file not found")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    values = read_yaml(path)
     if overrides:
         values = apply_overrides(values, list(overrides))
         where += " (with overrides " + " ".join(overrides) + ")"

@@ -367,18 +367,39 @@ def config_from_dict(values: dict[str, Any], where: str = "<dict>") -> Config:
     return build(Config, values, where).validate(where)
 
 
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a nested dict. A top-level `base: OTHER.yaml` (relative to this file) starts
+    from that file's values; this file's keys replace the base's, section by section."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    if "base" not in values:
+        return values
+    base = values.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: base {base!r} includes itself")
+    merged = read_yaml(base_path, (*_seen, p.resolve()))
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; validated and frozen."""
-    values: dict[str, Any] = {}
+    """Defaults <- YAML file (and its `base`) <- `key=value` overrides; validated and frozen."""
+    values = read_yaml(path) if path is not None else {}
     where = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{where}: config file not found")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if overrides:
         values = apply_overrides(values, overrides)
         where += " (with overrides " + " ".join(overrides) + ")"

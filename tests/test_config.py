@@ -70,3 +70,15 @@ def test_overrides(tmp_path):
         load_config(CONFIGS / "tiny_model.yaml", ["model.hidden_sise=3"])
     with pytest.raises(ConfigError, match=r"tiny_model\.yaml.*memory\.layers contains 7"):
         load_config(CONFIGS / "tiny_model.yaml", ["memory.layers=[7]"])
+
+
+def test_base_file_is_merged_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {hidden_size: 64, num_attention_heads: 4, "
+                                        "intermediate_size: 128, num_hidden_layers: 2}\n"
+                                        "train: {steps: 7, batch_size: 4}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.model.hidden_size, cfg.train.steps, cfg.train.batch_size) == (64, 9, 4)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loop.yaml: base 'loop.yaml' includes itself"):
+        load_config(tmp_path / "loop.yaml")
