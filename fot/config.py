@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -307,6 +310,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
             raise bad
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 and 1e30 as strings; YAML 1.2 does not
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -82,3 +82,10 @@ def test_base_file_is_merged_section_by_section(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loop.yaml: base 'loop.yaml' includes itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_exponent_floats_parse_as_yaml_1_2_does():
+    cfg = load_config(None, ["train.learning_rate=1e-3", "train.eps=1E-8"])
+    assert (cfg.train.learning_rate, cfg.train.eps) == (1e-3, 1e-8)
+    with pytest.raises(ConfigError, match="train.learning_rate = 'fast' is not a valid float"):
+        load_config(None, ["train.learning_rate=fast"])
