@@ -21,8 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m fot.demo
 
+# Two workers, tests of one module on one worker (module fixtures are built once): the suite is
+# mostly single-threaded XLA compiles (2026-12-01, 2-core CI-size machine: 10 min 47 s with two
+# workers; one worker took 16 min 49 s, that run under extra load).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -131,7 +131,7 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, par
         n = jnp.maximum(n, 1.0)
         loss = s / n
         grads = jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss halts the run on device: this and every later step leave the state

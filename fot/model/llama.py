@@ -73,7 +73,7 @@ class RMSNorm(nnx.Module):
         # As Hugging Face: normalise in float32, cast back, then scale.
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(self.dtype) * xf.astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
 
 
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs, std: float = 0.02):
@@ -197,7 +197,7 @@ class Llama(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
         if self.lm_head is None:
-            w = self.embed_tokens.embedding.value.astype(x.dtype)
+            w = self.embed_tokens.embedding[...].astype(x.dtype)
             return jnp.einsum("bte,ve->btv", x, w).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
