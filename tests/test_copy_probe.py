@@ -1,0 +1,33 @@
+"""The copy probe marks exactly the key's digits and trains end to end."""
+
+import numpy as np
+import pytest
+
+from experiments import copy_probe
+from fot.data.tokenizer import load_tokenizer
+
+
+def test_marked_positions_predict_exactly_the_key_digits():
+    tok = load_tokenizer("byte")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids, answer, second = copy_probe.passkey_row(tok, rng, 320)
+        assert len(ids) <= 321
+        text = tok.decode(ids)
+        key = text.rsplit(" ", 1)[1].rstrip(".")
+        # position p predicts token p + 1
+        assert tok.decode([ids[p + 1] for p in answer]) == key
+        assert tok.decode([ids[p + 1] for p in second]) == key
+        assert tok.decode(ids[second[-1] + 2:second[-1] + 6]) == " is "
+
+
+def test_window_too_short_for_a_passkey_document_is_an_error():
+    with pytest.raises(ValueError, match="shorter than a passkey document"):
+        copy_probe.passkey_row(load_tokenizer("byte"), np.random.default_rng(0), 200)
+
+
+def test_probe_runs_and_reports(capsys):
+    assert copy_probe.main(["configs/tiny.yaml", "--steps", "2", "--batch", "2", "--every", "1",
+                            "--lists", "0.5"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert len(lines) == 2 and "answer digits" in lines[-1]
