@@ -127,6 +127,8 @@ def test_report_files(tmp_path):
 
 def test_parse_helpers_and_bad_input():
     assert report.parse_lengths("1k,4k,300,1.5k") == [1024, 4096, 300, 1536]
+    with pytest.raises(ValueError, match="--lengths is empty"):
+        report.parse_lengths(" , ")
     assert report.format_length(4096) == "4k" and report.format_length(300) == "300"
     for bad in ("abc", "0", "-1k", "1.3", "inf"):
         with pytest.raises(ValueError, match="length"):

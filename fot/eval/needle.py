@@ -132,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         lengths = report.parse_lengths(args.lengths)
-        if not lengths:
-            raise ValueError("--lengths is empty")
         depths = passkey.parse_depths(args.depths)
         if args.trials <= 0:
             raise ValueError(f"--trials must be positive, got {args.trials}")

@@ -373,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         lengths = report.parse_lengths(args.lengths)
-        if not lengths:
-            raise ValueError("--lengths is empty")
         depths = parse_depths(args.depths)
         gen, method = load_for_eval(args, max(lengths))
         trials = run_passkey(gen, lengths, args.trials, depths, args.seed, method, not args.no_progress)

@@ -160,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         lengths = report.parse_lengths(args.lengths)
-        if not lengths:
-            raise ValueError("--lengths is empty")
         if args.chunk <= 0 or args.docs <= 0:
             raise ValueError(f"--chunk and --docs must be positive, got {args.chunk}, {args.docs}")
         gen, method = passkey.load_for_eval(args, max(lengths) + args.chunk)

@@ -30,7 +30,11 @@ def parse_length(text: str) -> int:
 
 
 def parse_lengths(text: str) -> list[int]:
-    return [parse_length(x) for x in text.split(",") if x.strip()]
+    """The --lengths argument of the eval CLIs: "1k,4k,300" -> [1024, 4096, 300]; empty is an error."""
+    lengths = [parse_length(x) for x in text.split(",") if x.strip()]
+    if not lengths:
+        raise ValueError("--lengths is empty")
+    return lengths
 
 
 def format_length(n: int) -> str:
