@@ -3,7 +3,7 @@
     python -m experiments.copy_probe configs/tiny.yaml [--steps 800] [--batch 16] [--window 320]
                                                        [--lists 0.5] [--lr 3e-3] [--every 100]
 
-Trains the config's model *without* memory layers or crossbatch, full causal attention, on passkey
+Trains the config's model (and its train.* optimizer settings) *without* memory layers or crossbatch, full causal attention, on passkey
 documents that fit in one window (intro, key line, a little filler, question, answer), so the only
 thing to learn beyond the fixed text is the copy. A fraction `--lists` of the rows are instead "N
 random keys, then the same N again" (a dense induction task). Every `--every` steps it prints, on a
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -28,13 +27,14 @@ from fot.config import load_config
 from fot.data import passkey
 from fot.data.tokenizer import load_tokenizer
 from fot.model.llama import init_model
+from fot.optim import make_optimizer
 
 FIXED = len(passkey.assemble("", "", passkey.KEY_HIGH - 1)) + len(f" {passkey.KEY_HIGH - 1}.") + 1
 
 
 def passkey_row(tok, rng: np.random.Generator, window: int):
     """(ids, positions predicting the answer's digits, positions predicting the key line's 2nd copy)."""
-    if window < FIXED + 1:
+    if window < FIXED:
         raise ValueError(f"window {window} is shorter than a passkey document without filler ({FIXED})")
     key = passkey.sample_key(rng)
     n = int(rng.integers(0, window - FIXED + 1))
@@ -43,7 +43,8 @@ def passkey_row(tok, rng: np.random.Generator, window: int):
     ids = tok.encode(text, bos=True)  # byte-level: one token per character after BOS
     digits = len(str(key))
     answer = len(ids) - 1 - digits - 1  # the " " before the answer's first digit
-    second = 1 + text.index(passkey.key_line(key)) + len(f"The pass key is {key}. Remember it. ") - 1
+    line = passkey.key_line(key)
+    second = text.index(line) + line.rindex(str(key))  # +1 for BOS, -1: position p predicts p + 1
     return ids, np.arange(answer, answer + digits), np.arange(second, second + digits)
 
 
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(cfg.data.tokenizer)
     model = init_model(model_cfg, None, seed=args.seed)
     lr = args.lr if args.lr is not None else cfg.train.learning_rate
-    tr = cfg.train
-    tx = optax.adamw(optax.linear_schedule(0.0, lr, tr.warmup_steps), b1=tr.b1, b2=tr.b2, eps=tr.eps,
-                     weight_decay=tr.weight_decay)
+    tx = make_optimizer(dataclasses.replace(cfg.train, learning_rate=lr, steps=args.steps))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
