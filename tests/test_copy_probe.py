@@ -31,3 +31,26 @@ def test_probe_runs_and_reports(capsys):
                             "--lists", "0.5"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
     assert len(lines) == 2 and "answer digits" in lines[-1]
+
+
+def test_induction_rows_repeat_their_prefix_exactly_where_marked():
+    from experiments import induction_probe
+
+    rng = np.random.default_rng(0)
+    for variable in (False, True):
+        x, mask = induction_probe.make_batch(rng, 8, 16, 26, variable)
+        for row, m in zip(x, mask):
+            n = int(m.sum())
+            assert (n == 16) or (variable and 4 <= n <= 16)
+            assert (row[1 + n:1 + 2 * n] == row[1:1 + n]).all()
+            assert m[n:2 * n].all() and (row[1:] >= induction_probe.FIRST_ID).all()
+
+
+def test_induction_probe_runs_and_rejects_a_too_large_alphabet(capsys):
+    from experiments import induction_probe
+
+    assert induction_probe.main(["configs/tiny.yaml", "--steps", "2", "--every", "1", "--half", "8",
+                                 "--batch", "2"]) == 0
+    assert "second-copy accuracy" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="does not fit the vocabulary"):
+        induction_probe.main(["configs/tiny.yaml", "--alphabet", "300"])
