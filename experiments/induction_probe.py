@@ -8,7 +8,8 @@ Rows are BOS, then L random tokens from an alphabet of `--alphabet` symbols, the
 sits at a constant relative distance and a RoPE head can learn it by position alone. `--offset
 variable`: L uniform in [half / 4, half] per row, so only an induction head (match the previous
 token, copy the next) solves it. Prints the greedy accuracy on the second copy every 100 steps;
-chance is 1 / alphabet. Plain AdamW, no memory, full causal attention.
+chance is 1 / alphabet. Plain AdamW (b2 0.98, no warmup, clipping or weight decay), no memory,
+full causal attention.
 """
 
 from __future__ import annotations
