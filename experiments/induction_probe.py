@@ -1,13 +1,15 @@
 """Does the config's architecture learn a copy circuit on the simplest copy task?
 
-    python -m experiments.induction_probe configs/tiny.yaml [--offset variable] [--alphabet 26]
+    python -m experiments.induction_probe configs/tiny.yaml [key=value ...] [--offset variable] [--alphabet 26]
                                           [--half 32] [--batch 32] [--steps 1000] [--lr 1e-3]
+                                          [--short-steps 0 --short-half 8] [--memory-layers]
 
 Rows are BOS, then L random tokens from an alphabet of `--alphabet` symbols, then the same L again
 (then random tokens up to length 2 * half). `--offset fixed`: L = half in every row, so the copy
 sits at a constant relative distance and a RoPE head can learn it by position alone. `--offset
 variable`: L uniform in [half / 4, half] per row, so only an induction head (match the previous
-token, copy the next) solves it. Prints the greedy accuracy on the second copy every 100 steps;
+token, copy the next) solves it. `--short-steps N` trains the first N steps on short copies (half
+`--short-half`) first, a curriculum. Prints the greedy accuracy on the second copy every 100 steps;
 chance is 1 / alphabet. Plain AdamW (b2 0.98, no warmup, clipping or weight decay), no memory,
 full causal attention.
 """
@@ -44,6 +46,7 @@ def make_batch(rng: np.random.Generator, batch: int, half: int, alphabet: int, v
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.initializer_range=0.05)")
     ap.add_argument("--offset", choices=("fixed", "variable"), default="variable")
     ap.add_argument("--alphabet", type=int, default=26)
     ap.add_argument("--half", type=int, default=32)
@@ -52,12 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--short-steps", type=int, default=0,
+                    help="a curriculum: the first N steps train on short copies (--short-half)")
+    ap.add_argument("--short-half", type=int, default=8)
+    ap.add_argument("--memory-layers", action="store_true",
+                    help="keep the config's memory layers (no memory attached): without RoPE when "
+                         "memory.positionals is false, as they train")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if FIRST_ID + args.alphabet > cfg.model.vocab_size:
         raise ValueError(f"--alphabet {args.alphabet} does not fit the vocabulary ({cfg.model.vocab_size})")
-    model = init_model(dataclasses.replace(cfg.model, max_position_embeddings=2 * args.half + 1),
-                       None, seed=args.seed)
+    model = init_model(dataclasses.replace(cfg.model, max_position_embeddings=2 * max(args.half, args.short_half) + 1),
+                       cfg.memory if args.memory_layers else None, seed=args.seed)
     opt = nnx.Optimizer(model, optax.adamw(args.lr, b2=0.98, weight_decay=0.0), wrt=nnx.Param)
 
     @nnx.jit
@@ -73,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     for i in range(1, args.steps + 1):
-        x, mask = make_batch(rng, args.batch, args.half, args.alphabet, args.offset == "variable")
+        half = args.short_half if i <= args.short_steps else args.half
+        x, mask = make_batch(rng, args.batch, half, args.alphabet, args.offset == "variable")
         loss, acc = step(model, opt, jnp.asarray(x), jnp.asarray(mask))
         if i % args.every == 0 or i == args.steps:
-            print(f"step {i}  loss {float(loss):.3f}  second-copy accuracy {float(acc):.2f}  "
+            print(f"step {i}  half {half}  loss {float(loss):.3f}  second-copy accuracy {float(acc):.2f}  "
                   f"{time.time() - t0:.0f} s", flush=True)
     return 0
 

@@ -49,6 +49,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02  # std of every weight at random initialisation
     rope_theta: float = 10000.0
     # Hugging Face's rope dict (`rope_type` or `type`, `factor`, ...); None = plain RoPE.
     rope_scaling: dict[str, Any] | None = None

@@ -68,11 +68,11 @@ _NON_PARAMS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 _HF_MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-                  "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+                  "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 # transformers' LlamaConfig defaults, for keys a hand-written config.json leaves out.
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                    initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 # LongLLaMA's config.json fields -> memory section.
 _HF_MEMORY_KEYS = {"mem_layers": "layers", "mem_positionals": "positionals", "mem_dtype": "dtype",
                    "last_context_length": "last_context_length"}
@@ -82,7 +82,7 @@ _HF_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 # (bookkeeping, training-time or memory-saving options).
 _HF_IGNORED = {"model_type", "rope_scaling", "rope_parameters",
                "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-               "initializer_range", "use_cache", "pretraining_tp", "attention_dropout", "torch_attention",
+               "use_cache", "pretraining_tp", "attention_dropout", "torch_attention",
                "mem_attention_grouping", "gradient_checkpoint_every_ith", "output_attentions",
                "output_hidden_states", "return_dict", "tokenizer_class"}
 MODEL_TYPES = ("llama", "longllama")

@@ -20,6 +20,7 @@ from fot import ConfigError, load_config, load_model
 from fot.api import FotModel
 from fot.checkpoint import CheckpointError, params_dict
 from fot.data.tokenizer import ByteTokenizer
+from fot.model.llama import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 F32_TOL = 1e-4
@@ -196,3 +197,15 @@ def test_cli_bad_fot_checkpoint(hf_dir, tmp_path, change, must):
         assert s in lines[0], (s, lines[0])
     assert str(tmp_path / "ckpt") in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_initializer_range_travels_and_sets_the_init_std(tmp_path):
+    make_hf(tmp_path / "src", initializer_range=0.05)
+    model = load_model(tmp_path / "src")
+    assert model.config.model.initializer_range == 0.05
+    fot.convert.export_hf(model, tmp_path / "out", "llama")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["initializer_range"] == 0.05
+    for std in (0.02, 0.1):
+        m = init_model(load_config(ROOT / "configs/tiny.yaml", [f"model.initializer_range={std}"]).model)
+        w = np.asarray(m.layers.self_attn.q_proj.kernel[...])
+        assert abs(w.std() / std - 1) < 0.02, (std, w.std())

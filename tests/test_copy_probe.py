@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import copy_probe
+from fot import ConfigError
 from fot.data.tokenizer import load_tokenizer
 
 
@@ -52,5 +53,14 @@ def test_induction_probe_runs_and_rejects_a_too_large_alphabet(capsys):
     assert induction_probe.main(["configs/tiny.yaml", "--steps", "2", "--every", "1", "--half", "8",
                                  "--batch", "2"]) == 0
     assert "second-copy accuracy" in capsys.readouterr().out
+    # overrides reach the model; --memory-layers keeps layer 1 without RoPE, as it trains;
+    # and --short-steps trains on short copies first
+    assert induction_probe.main(["configs/tiny.yaml", "model.num_attention_heads=2", "--memory-layers",
+                                 "--short-steps", "1", "--short-half", "4", "--steps", "2", "--every", "1",
+                                 "--half", "8", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1  half 4 " in out and "step 2  half 8 " in out
+    with pytest.raises(ConfigError, match="nope"):
+        induction_probe.main(["configs/tiny.yaml", "model.nope=1", "--steps", "1"])
     with pytest.raises(ValueError, match="does not fit the vocabulary"):
         induction_probe.main(["configs/tiny.yaml", "--alphabet", "300"])

@@ -76,9 +76,9 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
 
 
-def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs, std: float = 0.02):
-    return nnx.Linear(n_in, n_out, use_bias=False, dtype=DTYPES[cfg.dtype],
-                      param_dtype=DTYPES[cfg.param_dtype], kernel_init=_init(std, axes), rngs=rngs)
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs):
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                      kernel_init=_init(cfg.initializer_range, axes), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -146,7 +146,7 @@ class Llama(nnx.Module):
         pd = DTYPES[cfg.param_dtype]
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pd,
-            embedding_init=_init(0.02, ("vocab", "embed")), rngs=rngs)
+            embedding_init=_init(cfg.initializer_range, ("vocab", "embed")), rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
