@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if FIRST_ID + args.alphabet > cfg.model.vocab_size:
         raise ValueError(f"--alphabet {args.alphabet} does not fit the vocabulary ({cfg.model.vocab_size})")
-    model = init_model(dataclasses.replace(cfg.model, max_position_embeddings=2 * max(args.half, args.short_half) + 1),
+    longest = 2 * max(args.half, args.short_half) + 1
+    model = init_model(dataclasses.replace(cfg.model, max_position_embeddings=longest),
                        cfg.memory if args.memory_layers else None, seed=args.seed)
     opt = nnx.Optimizer(model, optax.adamw(args.lr, b2=0.98, weight_decay=0.0), wrt=nnx.Param)
 

@@ -47,19 +47,28 @@ def test_induction_rows_repeat_their_prefix_exactly_where_marked():
             assert m[n:2 * n].all() and (row[1:] >= induction_probe.FIRST_ID).all()
 
 
-def test_induction_probe_runs_and_rejects_a_too_large_alphabet(capsys):
+def test_induction_probe_runs_and_rejects_a_too_large_alphabet(capsys, monkeypatch):
     from experiments import induction_probe
+
+    built = []
+    real_init = induction_probe.init_model
+    monkeypatch.setattr(induction_probe, "init_model",
+                        lambda cfg, mem, seed: built.append((cfg, mem)) or real_init(cfg, mem, seed=seed))
 
     assert induction_probe.main(["configs/tiny.yaml", "--steps", "2", "--every", "1", "--half", "8",
                                  "--batch", "2"]) == 0
     assert "second-copy accuracy" in capsys.readouterr().out
-    # overrides reach the model; --memory-layers keeps layer 1 without RoPE, as it trains;
-    # and --short-steps trains on short copies first
+    assert built[-1][1] is None  # no memory layers: RoPE everywhere
+    # overrides reach the model; --memory-layers passes the config's memory layers (tiny's: no RoPE,
+    # as they train); --short-steps trains on short copies first
     assert induction_probe.main(["configs/tiny.yaml", "model.num_attention_heads=2", "--memory-layers",
                                  "--short-steps", "1", "--short-half", "4", "--steps", "2", "--every", "1",
                                  "--half", "8", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "step 1  half 4 " in out and "step 2  half 8 " in out
+    cfg, mem = built[-1]
+    assert cfg.num_attention_heads == 2 and cfg.max_position_embeddings == 17
+    assert mem.layers == (1,) and not mem.positionals
     with pytest.raises(ConfigError, match="nope"):
         induction_probe.main(["configs/tiny.yaml", "model.nope=1", "--steps", "1"])
     with pytest.raises(ValueError, match="does not fit the vocabulary"):
