@@ -44,7 +44,8 @@ def bench(name: str, steps: int) -> dict:
     b, t = cfg.train.batch_size, plan.window
     ids = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
     batch = plan.put_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:],
-                            "loss_mask": np.ones((b, t), np.float32)})
+                            "loss_mask": np.ones((b, t), np.float32),
+                            "doc_ids": np.zeros((b, t), np.int32)})
     state = plan.init_state(plan.random_params())
     t0 = time.perf_counter()
     step = plan.compile()

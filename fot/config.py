@@ -153,6 +153,9 @@ class SourceConfig:
     # builtin:passkey only: the fraction of documents whose filler interleaves stdlib text with the
     # evaluation filler (so that the key is not the only non-repetitive line).
     mixed_filler: float = 0.5
+    # builtin:passkey only: start documents with the prompt's task description (False: short
+    # documents of filler, key line and question, dense in keys to copy).
+    intro: bool = True
 
     def validate(self, where: str, key: str) -> None:
         if not self.path:
@@ -197,6 +200,9 @@ class TrainConfig:
     pack_size: int = 4  # k: consecutive windows of one document per pack
     cross_batch_range: int = 3  # R: 0 = no crossbatch
     stepping: bool = True
+    # Packed documents do not see each other: a token attends to its own document's tokens (in its
+    # window and in crossbatch rows of its pack) and to the negatives (rows of the previous pack).
+    document_mask: bool = False
     grad_accum: int = 1
     learning_rate: float = 2e-5
     schedule: Literal["constant", "cosine"] = "constant"

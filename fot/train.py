@@ -68,7 +68,7 @@ from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask")  # what the step reads of a pipeline batch
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "doc_ids")  # what the step reads of a pipeline batch
 MEMORY_SCOPE = "fot_memory"  # named scope of the memory-layer code, to find its ops in the HLO
 
 
@@ -81,11 +81,12 @@ class TrainError(RuntimeError):
 
 
 def forward(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: int,
-            stepping: bool) -> jax.Array:
-    """Logits [B, T, V] of a crossbatch training batch (each row a window at positions 0..T-1)."""
+            stepping: bool, doc_ids: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] of a crossbatch training batch (each row a window at positions 0..T-1).
+    doc_ids [B, T] (train.document_mask): tokens see only their own document, and negatives."""
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ctx = module.context(pos, pos, None)
+    ctx = module.context(pos, pos, None, segments=doc_ids)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
     x, _ = module.run_layers(module.embed(ids), ctx, memory=mem and _scoped(mem, MEMORY_SCOPE))
     return module.head(x)
@@ -108,7 +109,8 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, par
 
     def loss_sum(params, batch):
         module = nnx.merge(graphdef, params, rest)
-        logits = forward(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping)
+        logits = forward(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping,
+                         batch["doc_ids"] if tr.document_mask else None)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         mask = batch["loss_mask"]
         return jnp.sum(ce * mask), jnp.sum(mask)

@@ -24,17 +24,24 @@ def ref_visible_rows(b: int, k: int, r: int, stepping: bool) -> list[int]:
     return [b - c for c in range(1, n)]
 
 
-def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af):
+def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af, docs=None):
     """q, k [B, T, H, D] already rotated for the local window, keys of other rows = k_unrot * af
-    (RoPE at position 0); one softmax over [causal local | other rows]."""
+    (RoPE at position 0); one softmax over [causal local | other rows]. With document ids docs
+    [B, T]: a query sees only its own document's tokens, locally and in rows of its pack; rows of
+    the previous pack wholly."""
     q, k, k_unrot, v = (np.asarray(x, np.float64) for x in (q, k, k_unrot, v))
     b_, t_, h_, d_ = q.shape
     out = np.zeros_like(q)
     for b in range(b_):
         rows = ref_visible_rows(b, pack, r, stepping)
         for t in range(t_):
-            keys = [k[b, : t + 1]] + [k_unrot[o] * af for o in rows]
-            vals = [v[b, : t + 1]] + [v[o] for o in rows]
+            def seen(o, upto):  # which tokens of row o (up to `upto`) this query may read
+                keep = np.ones(upto, bool)
+                if docs is not None and o // pack == b // pack:
+                    keep = docs[o, :upto] == docs[b, t]
+                return keep
+            keys = [k[b, : t + 1][seen(b, t + 1)]] + [k_unrot[o][seen(o, t_)] * af for o in rows]
+            vals = [v[b, : t + 1][seen(b, t + 1)]] + [v[o][seen(o, t_)] for o in rows]
             keys, vals = np.concatenate(keys), np.concatenate(vals)
             for h in range(h_):
                 s = keys[:, h] @ q[b, t, h] / np.sqrt(d_)
@@ -43,14 +50,16 @@ def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af):
     return out
 
 
-def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True):
+def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True, docs=None):
     b, t = q.shape[:2]
     module = SimpleNamespace(mem=MemoryConfig(layers=(0,), positionals=positionals))
-    ctx = SimpleNamespace(inv_freq=np.ones(q.shape[-1] // 2, np.float32), attention_factor=af)
-    fn = crossbatch_memory(module, ctx, r, pack, stepping)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    segments = None if docs is None else jnp.asarray(docs)
+    ctx = SimpleNamespace(inv_freq=np.ones(q.shape[-1] // 2, np.float32), attention_factor=af,
+                          q_pos=pos, segments=segments)
+    fn = crossbatch_memory(module, ctx, r, pack, stepping)
     extra, _ = fn(0, q, k_unrot, v) if fn is not None else ([], None)
-    return attention.attend(q, k_rot, v, pos, pos, extra=list(extra))
+    return attention.attend(q, k_rot, v, pos, pos, extra=list(extra), q_seg=segments, k_seg=segments)
 
 
 @pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6),
@@ -64,6 +73,25 @@ def test_matches_numpy_reference(r, pack, stepping, batch):
                          r, pack, stepping, af)
     want = ref_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6)])
+def test_document_mask_matches_numpy_reference(r, pack, stepping, batch):
+    """Short documents packed several to a pack slot: each query reads its own document only, in
+    its row and in the rows of its pack, plus the previous pack's rows (negatives)."""
+    rng = np.random.default_rng(4)
+    t, h, d = 6, 2, 4
+    q, k_rot, k_unrot, v = (rng.standard_normal((batch, t, h, d)).astype(np.float32) for _ in range(4))
+    # each pack's stream: documents of 1..5 tokens, so they start mid-row and span rows
+    docs = np.concatenate([np.repeat(np.arange(50) + 100 * s, rng.integers(1, 6, 50))[:pack * t]
+                           .reshape(pack, t) for s in range(batch // pack)])
+    got = run_crossbatch(*(jnp.asarray(x) for x in (q, k_rot, k_unrot, v)), r, pack, stepping, 1.3,
+                         docs=docs)
+    want = ref_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, 1.3, docs=docs)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    # and it differs from the unmasked attention (the mask is not a no-op on this layout)
+    plain = ref_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, 1.3)
+    assert np.abs(plain - want).max() > 1e-2
 
 
 def test_context_counts_k4_r3_stepping():
@@ -112,3 +140,32 @@ def test_model_rows_never_see_later_rows():
         outs = [np.asarray(forward(module, jnp.asarray(x), r, 4, True)) for x in (ids, ids2)]
         diff = {int(b) for b in np.nonzero(np.abs(outs[0] - outs[1]).max(axis=(1, 2)) > 0)[0]}
         assert diff == changed
+
+
+def test_document_mask_through_the_model():
+    """train.document_mask: a change inside one document reaches only that document's later tokens
+    and the rows that read its row as a negative (the next pack's rows 1 and 2 read row 3)."""
+    from fot.train import forward
+
+    cfg = load_config("configs/tiny_model.yaml", ["memory.layers=[1]"])
+    module = init_model(cfg.model, cfg.memory, seed=0)
+    t = 16
+    ids = np.random.default_rng(5).integers(3, 200, size=(8, t)).astype(np.int32)
+    # pack 0: document 1 = row 0 and the first 6 tokens of row 1, document 2 = the rest of the pack;
+    # pack 1: one document
+    docs = np.full((8, t), 2, np.int32)
+    docs[0], docs[1, :6], docs[4:] = 1, 1, 3
+    docs = jnp.asarray(docs)
+
+    def changed(row, col):
+        ids2 = ids.copy()
+        ids2[row, col] += 1
+        outs = [np.asarray(forward(module, jnp.asarray(x), 3, 4, True, docs)) for x in (ids, ids2)]
+        return {tuple(map(int, p)) for p in np.argwhere(np.abs(outs[0] - outs[1]).max(axis=-1) > 0)}
+
+    # document 1 (rows 0-1 of pack 0): its own later tokens only, never document 2's
+    got = changed(0, 3)
+    assert got == {(0, c) for c in range(3, t)} | {(1, c) for c in range(6)}
+    # document 2 in row 3: its later tokens in row 3, and all of pack 1's rows 1 and 2 (negatives)
+    got = changed(3, 10)
+    assert got == {(3, c) for c in range(10, t)} | {(r, c) for r in (5, 6) for c in range(t)}

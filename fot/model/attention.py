@@ -54,11 +54,15 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return Partial(back(o), back(m), back(jnp.sum(p, axis=-1)))
 
 
-def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
-    """[B, T, 1, 1, S]: key visible iff its position <= the query's (and it is valid)."""
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None,
+                q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+    """[B, T, 1, 1, S]: key visible iff its position <= the query's (and it is valid, and, given
+    segment ids [B, T] / [B, S], of the query's segment: packed documents do not see each other)."""
     mask = k_pos[:, None, :] <= q_pos[:, :, None]
     if k_valid is not None:
         mask = mask & k_valid[:, None, :]
+    if q_seg is not None:
+        mask = mask & (k_seg[:, None, :] == q_seg[:, :, None])
     return mask[:, :, None, None, :]
 
 
@@ -78,14 +82,15 @@ def combine(parts: list[Partial], dtype) -> jax.Array:
 
 
 def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-                  k_valid: jax.Array | None = None, *, impl: str = "plain",
-                  block_size: int = 512) -> Partial:
-    """Causal attention of queries to local keys, masked by positions."""
+                  k_valid: jax.Array | None = None, *, impl: str = "plain", block_size: int = 512,
+                  q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
+    """Causal attention of queries to local keys, masked by positions (and segments, if given)."""
     if impl in ("blockwise", "cudnn"):  # the fused cuDNN kernel yields no partial: blockwise instead
         from fot.model.blockwise import blockwise_partial
 
-        return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size)
-    return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid))
+        return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size,
+                                 q_seg=q_seg, k_seg=k_seg)
+    return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg))
 
 
 def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -98,15 +103,19 @@ def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
            k_valid: jax.Array | None = None, *, extra: list[Partial] = (), gate: jax.Array | None = None,
-           impl: str = "plain", block_size: int = 512) -> jax.Array:
+           impl: str = "plain", block_size: int = 512, q_seg: jax.Array | None = None,
+           k_seg: jax.Array | None = None) -> jax.Array:
     """Causal local attention plus any extra sources (memory), one softmax; returns [B, T, H, D].
 
     With `gate` ([H] logits, the Memorizing-Transformer ablation) local and extra sources get separate
-    softmaxes mixed by sigmoid(gate) instead.
+    softmaxes mixed by sigmoid(gate) instead. q_seg / k_seg: segment ids (packed documents), see
+    `causal_mask`.
     """
-    if impl == "cudnn" and not extra and k_valid is None and q.shape[1] == k.shape[1]:
+    if (impl == "cudnn" and not extra and k_valid is None and q_seg is None
+            and q.shape[1] == k.shape[1]):
         return fused_causal(q, k, v)
-    local = local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block_size)
+    local = local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block_size,
+                          q_seg=q_seg, k_seg=k_seg)
     if gate is None or not extra:
         return combine([local, *extra], q.dtype)
     g = jax.nn.sigmoid(gate.astype(jnp.float32))[:, None]

@@ -39,11 +39,12 @@ def _blocks(x: jax.Array, size: int) -> jax.Array:
 
 
 def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-                      k_valid: jax.Array | None = None, block_size: int = 512) -> Partial:
-    """Same Partial as attention.dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid)).
+                      k_valid: jax.Array | None = None, block_size: int = 512,
+                      q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
+    """Same Partial as attention.dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg)).
 
-    q [B, T, H, D], k/v [B, S, K, D], q_pos [B, T], k_pos/k_valid [B, S]. Any T and S: the last
-    blocks are padded (padded keys are invalid, padded query rows are dropped).
+    q [B, T, H, D], k/v [B, S, K, D], q_pos / q_seg [B, T], k_pos / k_valid / k_seg [B, S]. Any T
+    and S: the last blocks are padded (padded keys are invalid, padded query rows are dropped).
     """
     b, t, h, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -52,18 +53,23 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     if k_valid is None:
         k_valid = jnp.ones((b, s), bool)
+    if q_seg is None:  # one segment
+        q_seg, k_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
     scale = d ** -0.5
 
     qb = _blocks(_pad(group_queries(q, kv_heads).astype(jnp.float32), 1, tp), bq)  # [nq,B,bq,K,G,D]
     qpb = _blocks(_pad(q_pos, 1, tp), bq)  # [nq, B, bq]
+    qsb = _blocks(_pad(q_seg, 1, tp), bq)
     kb = _blocks(_pad(k.astype(jnp.float32), 1, sp), bk)  # [nk, B, bk, K, D]
     vb = _blocks(_pad(v.astype(jnp.float32), 1, sp), bk)
     kpb = _blocks(_pad(k_pos, 1, sp), bk)
     kvb = _blocks(_pad(k_valid, 1, sp, False), bk)
+    ksb = _blocks(_pad(k_seg, 1, sp), bk)
 
-    def key_step(carry, xs, qi, qpi):
-        kj, vj, kpj, kvj = xs
-        mask = (kpj[:, None, :] <= qpi[:, :, None]) & kvj[:, None, :]  # [B, bq, bk]
+    def key_step(carry, xs, qi, qpi, qsi):
+        kj, vj, kpj, kvj, ksj = xs
+        mask = ((kpj[:, None, :] <= qpi[:, :, None]) & kvj[:, None, :]
+                & (ksj[:, None, :] == qsi[:, :, None]))  # [B, bq, bk]
 
         def visit(c):
             o, m, l = c
@@ -80,15 +86,15 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
         return jax.lax.cond(jnp.any(mask), visit, lambda c: c, carry), None
 
     def query_block(xs):
-        qi, qpi = xs
+        qi, qpi, qsi = xs
         init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], NEG_INF, jnp.float32),
                 jnp.zeros(qi.shape[:-1], jnp.float32))
-        step = jax.checkpoint(lambda c, x: key_step(c, x, qi, qpi), prevent_cse=False)
-        (o, m, l), _ = jax.lax.scan(step, init, (kb, vb, kpb, kvb))
+        step = jax.checkpoint(lambda c, x: key_step(c, x, qi, qpi, qsi), prevent_cse=False)
+        (o, m, l), _ = jax.lax.scan(step, init, (kb, vb, kpb, kvb, ksb))
         return o, m, l
 
     _, (o, m, l) = jax.lax.scan(
-        lambda c, xs: (c, jax.checkpoint(query_block, prevent_cse=False)(xs)), None, (qb, qpb))
+        lambda c, xs: (c, jax.checkpoint(query_block, prevent_cse=False)(xs)), None, (qb, qpb, qsb))
 
     def unblock(x):  # [nq, B, bq, K, G, ...] -> [B, T, H, ...]
         x = jnp.moveaxis(x, 0, 1).reshape(b, tp, h, *x.shape[5:])

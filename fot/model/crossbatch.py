@@ -13,6 +13,10 @@ and never more than b + 1 (the reference's guard against wrapping to later rows)
 are always the immediately preceding rows b-1 ... b-(n(b)-1), regardless of pack boundaries: rows of
 the same pack are earlier windows of the same document (positives), rows of the previous pack are
 other documents (negatives). E.g. k=4, R=3, stepping: step 2, extra contexts 0, 2, 3, 3 per pack row.
+
+With document ids (`ctx.segments`, train.document_mask), a row of the same pack shows a query only
+the tokens of the query's own document: when short documents share a pack, the ones before it are
+neither its past nor negatives. Rows of the previous pack stay wholly visible (the negatives).
 """
 
 from __future__ import annotations
@@ -41,9 +45,17 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
     r = cross_batch_range
     if r == 0:
         return None
+    b, t = ctx.q_pos.shape
+    extra = jnp.asarray(extra_contexts(b, pack_size, r, stepping))
+    visible = ((jnp.arange(r * t) // t)[None, :] < extra[:, None])[:, None, :]  # [B, 1, R*T]
+    if ctx.segments is not None:
+        # Document ids of rows b-1 .. b-R, once for all memory layers; the mask becomes per query.
+        prev = sharding.previous_rows(ctx.segments, r).reshape(b, 1, r * t)
+        same_pack = (np.arange(b)[:, None] % pack_size) >= np.arange(1, r + 1)[None, :]  # [B, R]
+        same_pack = jnp.asarray(np.repeat(same_pack, t, axis=1))[:, None, :]
+        visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
 
     def fn(slot, q, k_new, v_new):
-        b, t = k_new.shape[:2]
         k = k_new
         if module.mem.positionals:  # "as if first": RoPE at position 0
             zeros = jnp.zeros((b, t), jnp.int32)
@@ -53,9 +65,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         pk, pv = sharding.previous_rows((k, v_new), r)
         pk = pk.reshape(b, r * t, *pk.shape[3:])
         pv = pv.reshape(b, r * t, *pv.shape[3:])
-        extra = jnp.asarray(extra_contexts(b, pack_size, r, stepping))
-        visible = (jnp.arange(r * t) // t)[None, :] < extra[:, None]  # [B, R*T]
-        part = attention.dense_partial(q, pk, pv, visible[:, None, None, None, :])
+        part = attention.dense_partial(q, pk, pv, visible[:, :, None, None, :])
         gate = module.mem_gate[...][slot] if module.mem.gate else None
         return [part], gate
 

@@ -46,6 +46,8 @@ class LocalContext:
 
     q_pos: [B, T] positions of the queries (RoPE and causal mask); k_pos / k_valid: [B, S] for the
     keys the layer sees locally, which are the `past` keys (if any) followed by the T new ones.
+    segments: [B, T] document ids of a packed training window (no past), or None: a token then sees
+    only its own document's tokens, locally and in crossbatch positives (train.document_mask).
     """
 
     q_pos: jax.Array
@@ -55,6 +57,7 @@ class LocalContext:
     attention_factor: float
     impl: str
     block_size: int
+    segments: jax.Array | None = None
 
 
 # A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values)
@@ -130,7 +133,8 @@ class Block(nnx.Module):
             k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.k_pos))
         extra, gate = memory(q, k_new, v_new) if memory is not None else ((), None)
         out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
-                               gate=gate, impl=ctx.impl, block_size=ctx.block_size)
+                               gate=gate, impl=ctx.impl, block_size=ctx.block_size,
+                               q_seg=ctx.segments, k_seg=ctx.segments)
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -178,14 +182,14 @@ class Llama(nnx.Module):
         return segs
 
     def context(self, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None,
-                rope_len: int | None = None) -> LocalContext:
+                rope_len: int | None = None, segments: jax.Array | None = None) -> LocalContext:
         s = k_pos.shape[1]
         inv_freq, af = rope.rope_frequencies(self.cfg, rope_len or s)
         impl = self.cfg.attention
         if impl == "auto":
             impl = "blockwise" if s > self.cfg.blockwise_threshold else "plain"
         return LocalContext(q_pos, k_pos, k_valid, jnp.asarray(inv_freq), af, impl,
-                            self.cfg.attention_block_size)
+                            self.cfg.attention_block_size, segments)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         # On a mesh: gather the sharded table whole first, like any FSDP weight (a lookup into a
