@@ -151,14 +151,22 @@ def test_mixture_weights_roughly_respected():
 
 
 def test_all_documents_shorter_than_window_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "short.jsonl", ["tiny doc"] * 5)
-    stream = BatchStream(cfg_for([{"path": path}], window=32))
-    with pytest.raises(DataError, match="at least 32 tokens"):
-        next(stream)
+    """The stream fails once it has read 1000 documents and none reaches the window (a few steps
+    of these ~10-token documents)."""
+    short = write_jsonl(tmp_path / "short.jsonl", ["tiny doc"] * 5)
+    stream = BatchStream(cfg_for([{"path": short}], window=32))
+    with pytest.raises(DataError, match="first 1000 documents read from .*short.jsonl.* at least 32 tokens"):
+        for _ in range(200):
+            next(stream)
     # long enough, but every document filtered out by min_doc_tokens
     path = write_jsonl(tmp_path / "mid.jsonl", ["m" * 100] * 5)
     stream = BatchStream(cfg_for([{"path": path}], window=32, min_doc_tokens=500))
     with pytest.raises(DataError, match="min_doc_tokens"):
+        next(stream)
+    # short documents are fine beside a source of window-long ones
+    long = write_jsonl(tmp_path / "long.jsonl", ["L" * 100] * 5)
+    stream = BatchStream(cfg_for([{"path": short}, {"path": long, "weight": 0.1}], window=64))
+    for _ in range(200):
         next(stream)
     # an unbounded source (passkey) whose documents never reach the window; each pack slot reads
     # its own documents (~6 a step here), so slot 0 reaches its 1000th within 200 steps
@@ -228,6 +236,19 @@ def test_builtin_passkey_documents():
     assert corpus[3] != PasskeyCorpus(seed=8, min_chars=1000, max_chars=3000)[3]
     assert min(depths) < 0.2 and max(depths) > 0.8  # key at varied depths
     assert 0 < mixed < 40  # some documents mix in real text, some are pure filler
+
+
+def test_builtin_passkey_documents_without_intro():
+    corpus = PasskeyCorpus(seed=7, min_chars=110, max_chars=250, mixed_filler=0.0, intro=False)
+    pattern = re.compile(r"(.*)\nThe pass key is (\d+)\. Remember it\. (\d+) is the pass key\.\n(.*)\n"
+                         + re.escape(passkey.QUESTION) + r" (\d+)\.", re.S)
+    for i in range(40):
+        doc = corpus[i]
+        m = pattern.fullmatch(doc)
+        assert m and passkey.INTRO not in doc, doc
+        assert int(m.group(2)) == int(m.group(3)) == int(m.group(5))
+        assert 110 <= len(doc) <= 250
+        assert m.group(1) == passkey.filler(len(m.group(1))) and m.group(4) == passkey.filler(len(m.group(4)))
 
 
 def test_builtin_mixture_batches():

@@ -59,13 +59,15 @@ class PasskeyCorpus:
     the filler, ending with the question and its answer: "... The pass key is {K}." A fraction
     `mixed_filler` of the documents interleave the evaluation's filler with chunks of stdlib text, so
     the model must retrieve the key rather than spot the only non-repetitive line; the others use
-    the evaluation's filler exactly.
+    the evaluation's filler exactly. `intro=False` leaves out the task description (148 characters),
+    so that short documents are mostly filler, key and question.
     """
 
     def __init__(self, seed: int, min_chars: int = 2000, max_chars: int | None = None,
-                 mixed_filler: float = 0.5):
+                 mixed_filler: float = 0.5, intro: bool = True):
         self.seed = seed
         self.mixed_filler = mixed_filler
+        self.intro = intro
         self.min_chars = min_chars
         self.max_chars = max_chars if max_chars is not None else 4 * min_chars
         self._real = None  # stdlib files for the mixed filler, listed on first use
@@ -77,12 +79,13 @@ class PasskeyCorpus:
         depth = float(rng.random())
         real_fraction = 0.5 if rng.random() < self.mixed_filler else 0.0
         answer = f" {key}."
-        n = max(n_chars - len(passkey.assemble("", "", key)) - len(answer), 0)
+        n = max(n_chars - len(passkey.assemble("", "", key, self.intro)) - len(answer), 0)
         cut = int(round(depth * n))
-        if real_fraction == 0.0:  # exactly the evaluation prompt
-            return passkey.passkey_prompt(cut, n - cut, key)[0] + answer
-        body = self._mixed_filler(rng, n, real_fraction)
-        return passkey.assemble(body[:cut], body[cut:], key) + answer
+        if real_fraction == 0.0:  # the evaluation's filler
+            body = passkey.filler(cut) + passkey.filler(n - cut)
+        else:
+            body = self._mixed_filler(rng, n, real_fraction)
+        return passkey.assemble(body[:cut], body[cut:], key, self.intro) + answer
 
     def _mixed_filler(self, rng: np.random.Generator, n: int, real_fraction: float) -> str:
         if self._real is None:

@@ -30,9 +30,10 @@ def key_line(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def assemble(prefix: str, suffix: str, key: int) -> str:
-    """The five parts joined by newlines, with the given filler texts around the key line."""
-    return "\n".join([INTRO, prefix, key_line(key), suffix, QUESTION])
+def assemble(prefix: str, suffix: str, key: int, intro: bool = True) -> str:
+    """The five parts joined by newlines, with the given filler texts around the key line (four
+    without the task description when `intro` is false)."""
+    return "\n".join([INTRO] * intro + [prefix, key_line(key), suffix, QUESTION])
 
 
 def passkey_prompt(n_garbage_prefix: int, n_garbage_suffix: int, key: int) -> tuple[str, str]:

@@ -34,7 +34,7 @@ from fot.data.packing import Packer
 from fot.data.sources import DataError, DocStream, open_source
 from fot.data.tokenizer import load_tokenizer
 
-STATE_VERSION = 2  # 2: one position per pack slot
+STATE_VERSION = 3  # 2: one position per pack slot; 3: the window-length check per stream
 
 
 class BatchStream:

@@ -4,7 +4,9 @@ A source is read through a cursor at (epoch, position): finite random-access sou
 fresh permutation each epoch, unbounded ones (builtin:passkey) by index, streaming datasets through
 `datasets`' seeded shuffle buffer. `DocStream` samples which source gives the next document with a
 seeded generator, tokenizes it as [BOS] text [EOS], skips documents shorter than `min_doc_tokens`, and
-fails (instead of looping) when a source has no document as long as the training window.
+fails (instead of looping) when none of the first WINDOW_CHECK documents it reads is as long as the
+training window: crossbatch then has no earlier window of a document to read (short documents are
+fine in a mixture that has long ones).
 
 Sharding: the training pipeline gives each pack slot s of n its own `DocStream(..., slot=s,
 n_slots=n)`, which reads only slot s's share of every source (`share`): of a random-access source of
@@ -34,7 +36,7 @@ class DataError(ValueError):
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
              ".csv": "csv"}
-UNBOUNDED_CHECK = 1000  # an unbounded source must give a window-long document among its first N
+WINDOW_CHECK = 1000  # a document stream must give a window-long document among its first N reads
 
 
 def describe(cfg: SourceConfig) -> str:
@@ -139,7 +141,8 @@ def open_source(cfg: SourceConfig, seed: int, where: str = "data.sources") -> So
         corpus = StdlibCorpus(cfg.min_chars, cfg.max_chars)
         return Source(label, corpus, len(corpus), seed)
     if cfg.path == "builtin:passkey":
-        return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars, cfg.mixed_filler), None, seed)
+        return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars, cfg.mixed_filler,
+                                                  cfg.intro), None, seed)
     if cfg.path.startswith("builtin:"):
         raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey)")
 
@@ -188,57 +191,47 @@ def _as_text(value: Any, label: str, column: str) -> str:
 
 
 class Cursor:
-    """Where a source is read: (epoch, pos). Also watches that each epoch has a usable document."""
+    """Where a source is read: (epoch, pos)."""
 
     def __init__(self, source: Source | Share | StreamSource):
         self.source = source
         self.epoch = self.pos = 0
-        self.usable = False  # a document of the current epoch was kept and is window-long
         self._it: Iterator[str] | None = None
 
-    def next(self, window: int) -> tuple[str, tuple[int, int]]:
+    def next(self) -> tuple[str, tuple[int, int]]:
         """The next text and its address (epoch, pos); rolls over to a new epoch at the end."""
         src = self.source
         if not src.random_access:
-            text = self._next_streamed(window)
+            text = self._next_streamed()
         else:
             if src.length is not None and self.pos >= src.length:
-                self._end_epoch(window)
-            elif src.length is None and self.pos == UNBOUNDED_CHECK and self.epoch == 0 and not self.usable:
-                raise self._unusable(window, f"its first {UNBOUNDED_CHECK} documents")
+                self._end_epoch()
             text = src.text(self.epoch, self.pos)
         addr = (self.epoch, self.pos)
         self.pos += 1
         return text, addr
 
-    def _next_streamed(self, window: int) -> str:
+    def _next_streamed(self) -> str:
         if self._it is None:
             self._it = self.source.texts(self.epoch, self.pos)
         for _ in range(2):
             try:
                 return next(self._it)
             except StopIteration:
-                self._end_epoch(window)
+                self._end_epoch()
                 self._it = self.source.texts(self.epoch, 0)
         raise DataError(f"{self.source.label} is empty")
 
-    def _end_epoch(self, window: int) -> None:
+    def _end_epoch(self) -> None:
         if self.pos == 0:
             raise DataError(f"{self.source.label} is empty")
-        if not self.usable:
-            raise self._unusable(window, "a whole epoch")
-        self.epoch, self.pos, self.usable = self.epoch + 1, 0, False
-
-    def _unusable(self, window: int, span: str) -> DataError:
-        return DataError(f"{self.source.label}: no document in {span} has at least {window} tokens "
-                         f"(the training window) after the min_doc_tokens filter; use longer documents, "
-                         f"a smaller train.window or a smaller data.min_doc_tokens")
+        self.epoch, self.pos = self.epoch + 1, 0
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "usable": self.usable}
+        return {"epoch": self.epoch, "pos": self.pos}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.pos, self.usable = state["epoch"], state["pos"], state["usable"]
+        self.epoch, self.pos = state["epoch"], state["pos"]
         self._it = None
 
 
@@ -268,6 +261,7 @@ class DocStream:
         self.tokenizer, self.window, self.min_doc_tokens = tokenizer, window, min_doc_tokens
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.next_id = 0  # documents this stream has given
+        self.reads_before_long = 0  # documents read before the first window-long one (-1: seen)
 
     def tokenize(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
@@ -276,16 +270,30 @@ class DocStream:
         while True:
             i = int(self.rng.choice(len(self.cursors), p=self.p)) if len(self.cursors) > 1 else 0
             cursor = self.cursors[i]
-            text, (epoch, pos) = cursor.next(self.window)
+            text, (epoch, pos) = cursor.next()
             tokens = self.tokenize(text)
             n = len(tokens) - 2  # BOS/EOS not counted
+            self._watch_length(n)
             if n < self.min_doc_tokens:
                 continue
-            cursor.usable |= n >= self.window
             doc = Doc(self.next_id * self.n_slots + self.slot, tokens,
                       (i, epoch, pos) if cursor.source.random_access else None)
             self.next_id += 1
             return doc
+
+    def _watch_length(self, n: int) -> None:
+        if self.reads_before_long < 0:
+            return
+        if n >= max(self.window, self.min_doc_tokens):
+            self.reads_before_long = -1
+            return
+        self.reads_before_long += 1
+        if self.reads_before_long >= WINDOW_CHECK:
+            labels = "; ".join(c.source.label for c in self.cursors)
+            raise DataError(f"none of the first {WINDOW_CHECK} documents read from {labels} has at "
+                            f"least {self.window} tokens (the training window) after the "
+                            f"min_doc_tokens filter; use longer documents, a smaller train.window or "
+                            f"a smaller data.min_doc_tokens")
 
     def refetch(self, addr: tuple[int, int, int]) -> np.ndarray:
         """The tokens of the document at a random-access address (used on resume)."""
@@ -294,13 +302,13 @@ class DocStream:
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "next_id": self.next_id,
-                "cursors": [c.state() for c in self.cursors]}
+                "reads_before_long": self.reads_before_long, "cursors": [c.state() for c in self.cursors]}
 
     def restore(self, state: dict) -> None:
         if len(state["cursors"]) != len(self.cursors):
             raise DataError(f"data state has {len(state['cursors'])} sources, the config "
                             f"{len(self.cursors)}")
         self.rng.bit_generator.state = state["rng"]
-        self.next_id = state["next_id"]
+        self.next_id, self.reads_before_long = state["next_id"], state["reads_before_long"]
         for c, s in zip(self.cursors, state["cursors"]):
             c.restore(s)
