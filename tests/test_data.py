@@ -151,13 +151,13 @@ def test_mixture_weights_roughly_respected():
 
 
 def test_all_documents_shorter_than_window_is_an_error(tmp_path):
-    """The stream fails once it has read 1000 documents and none reaches the window (a few steps
-    of these ~10-token documents)."""
+    """The stream fails once it has read a whole epoch of its (finite) sources, or 1000 documents of
+    unbounded ones, and none reaches the window."""
     short = write_jsonl(tmp_path / "short.jsonl", ["tiny doc"] * 5)
     stream = BatchStream(cfg_for([{"path": short}], window=32))
-    with pytest.raises(DataError, match="first 1000 documents read from .*short.jsonl.* at least 32 tokens"):
-        for _ in range(200):
-            next(stream)
+    # pack slot 0 owns documents 0, 2, 4: it knows after its 3 and the next epoch's first
+    with pytest.raises(DataError, match="first 4 documents read from .*short.jsonl.* at least 32 tokens"):
+        next(stream)
     # long enough, but every document filtered out by min_doc_tokens
     path = write_jsonl(tmp_path / "mid.jsonl", ["m" * 100] * 5)
     stream = BatchStream(cfg_for([{"path": path}], window=32, min_doc_tokens=500))

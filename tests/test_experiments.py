@@ -57,7 +57,7 @@ def test_passkey_tiny_covers_64x_the_window():
     ef = load_experiment(CONFIGS / "passkey_tiny.yaml")
     window = ef.config.train.window
     lengths = ef.experiment.token_lengths()
-    assert lengths[0] == window and lengths[-1] >= 64 * window
+    assert lengths[0] <= 4 * window and lengths[-1] >= 64 * window
 
 
 def test_bad_inputs_name_key_and_file(tmp_path):

@@ -4,8 +4,8 @@ A source is read through a cursor at (epoch, position): finite random-access sou
 fresh permutation each epoch, unbounded ones (builtin:passkey) by index, streaming datasets through
 `datasets`' seeded shuffle buffer. `DocStream` samples which source gives the next document with a
 seeded generator, tokenizes it as [BOS] text [EOS], skips documents shorter than `min_doc_tokens`, and
-fails (instead of looping) when none of the first WINDOW_CHECK documents it reads is as long as the
-training window: crossbatch then has no earlier window of a document to read (short documents are
+fails (instead of looping) when none of the first WINDOW_CHECK documents it reads, or of a whole epoch
+of each of its sources, is as long as the training window: crossbatch then has no earlier window of a document to read (short documents are
 fine in a mixture that has long ones).
 
 Sharding: the training pipeline gives each pack slot s of n its own `DocStream(..., slot=s,
@@ -288,10 +288,11 @@ class DocStream:
             self.reads_before_long = -1
             return
         self.reads_before_long += 1
-        if self.reads_before_long >= WINDOW_CHECK:
+        # Finite sources: one whole epoch of each is enough to know.
+        if self.reads_before_long >= WINDOW_CHECK or all(c.epoch > 0 for c in self.cursors):
             labels = "; ".join(c.source.label for c in self.cursors)
-            raise DataError(f"none of the first {WINDOW_CHECK} documents read from {labels} has at "
-                            f"least {self.window} tokens (the training window) after the "
+            raise DataError(f"none of the first {self.reads_before_long} documents read from {labels} "
+                            f"has at least {self.window} tokens (the training window) after the "
                             f"min_doc_tokens filter; use longer documents, a smaller train.window or "
                             f"a smaller data.min_doc_tokens")
 
