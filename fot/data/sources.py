@@ -5,8 +5,8 @@ fresh permutation each epoch, unbounded ones (builtin:passkey) by index, streami
 `datasets`' seeded shuffle buffer. `DocStream` samples which source gives the next document with a
 seeded generator, tokenizes it as [BOS] text [EOS], skips documents shorter than `min_doc_tokens`, and
 fails (instead of looping) when none of the first WINDOW_CHECK documents it reads, or of a whole epoch
-of each of its sources, is as long as the training window: crossbatch then has no earlier window of a document to read (short documents are
-fine in a mixture that has long ones).
+of each of its sources, is as long as the training window: crossbatch then has no earlier window of
+a document to read (short documents are fine in a mixture that has long ones).
 
 Sharding: the training pipeline gives each pack slot s of n its own `DocStream(..., slot=s,
 n_slots=n)`, which reads only slot s's share of every source (`share`): of a random-access source of
