@@ -156,6 +156,10 @@ class SourceConfig:
     # builtin:passkey only: start documents with the prompt's task description (False: short
     # documents of filler, key line and question, dense in keys to copy).
     intro: bool = True
+    # builtin:passkey only: None draws keys as the evaluation does (uniform in 1..49999, so 80% have
+    # five digits); N draws the number of digits uniformly in 1..N first, so that short keys are
+    # as common as long ones.
+    key_digits: int | None = None
 
     def validate(self, where: str, key: str) -> None:
         if not self.path:
@@ -174,6 +178,8 @@ class SourceConfig:
             raise ConfigError(f"{where}: {key}.mixed_filler must be in [0, 1], got {self.mixed_filler}")
         if self.path == "builtin:passkey" and self.min_chars < 1:
             raise ConfigError(f"{where}: {key}.min_chars must be >= 1 for builtin:passkey")
+        if self.key_digits is not None and not 1 <= self.key_digits <= 18:
+            raise ConfigError(f"{where}: {key}.key_digits must be in 1..18, got {self.key_digits}")
 
 
 @dataclass(frozen=True)

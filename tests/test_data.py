@@ -194,6 +194,8 @@ def test_config_rejects_bad_sources():
         cfg_for([{"path": "builtin:stdlib", "weight": 0}])
     with pytest.raises(ConfigError, match="max_chars"):
         cfg_for([{"path": "builtin:passkey", "min_chars": 500, "max_chars": 100}])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].key_digits must be in 1..18, got 0"):
+        cfg_for([{"path": "builtin:passkey", "key_digits": 0}])
 
 
 def test_tokenizer_larger_than_vocab_is_an_error():
@@ -417,6 +419,16 @@ def test_passkey_keys_uniform_range():
     keys = [passkey.sample_key(rng) for _ in range(20000)]
     assert min(keys) >= 1 and max(keys) <= 49999
     assert min(keys) < 100 and max(keys) > 49900
+
+
+def test_passkey_key_digits_uniform_lengths():
+    rng = np.random.default_rng(0)
+    lengths = np.bincount([len(str(passkey.sample_key(rng, digits=6))) for _ in range(6000)])
+    assert lengths[0] == 0 and len(lengths) == 7  # 1..6 digits, never 0 or 7
+    assert all(900 <= n <= 1100 for n in lengths[1:])  # each about 1000
+    corpus = PasskeyCorpus(0, 100, 125, mixed_filler=0.0, intro=False, key_digits=2)
+    keys = {int(corpus[i].rsplit(" ", 1)[1].rstrip(".")) for i in range(200)}
+    assert keys <= set(range(1, 100)) and len(keys) > 50
 
 
 def test_build_passkey_prompt_byte_tokenizer():

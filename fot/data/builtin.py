@@ -60,12 +60,14 @@ class PasskeyCorpus:
     `mixed_filler` of the documents interleave the evaluation's filler with chunks of stdlib text, so
     the model must retrieve the key rather than spot the only non-repetitive line; the others use
     the evaluation's filler exactly. `intro=False` leaves out the task description (148 characters),
-    so that short documents are mostly filler, key and question.
+    so that short documents are mostly filler, key and question. `key_digits`: see
+    `passkey.sample_key`.
     """
 
     def __init__(self, seed: int, min_chars: int = 2000, max_chars: int | None = None,
-                 mixed_filler: float = 0.5, intro: bool = True):
+                 mixed_filler: float = 0.5, intro: bool = True, key_digits: int | None = None):
         self.seed = seed
+        self.key_digits = key_digits
         self.mixed_filler = mixed_filler
         self.intro = intro
         self.min_chars = min_chars
@@ -75,7 +77,7 @@ class PasskeyCorpus:
     def __getitem__(self, i: int) -> str:
         rng = np.random.default_rng([self.seed, i])
         n_chars = int(rng.integers(self.min_chars, self.max_chars + 1))
-        key = passkey.sample_key(rng)
+        key = passkey.sample_key(rng, self.key_digits)
         depth = float(rng.random())
         real_fraction = 0.5 if rng.random() < self.mixed_filler else 0.0
         answer = f" {key}."

@@ -43,9 +43,13 @@ def passkey_prompt(n_garbage_prefix: int, n_garbage_suffix: int, key: int) -> tu
     return assemble(filler(n_garbage_prefix), filler(n_garbage_suffix), key), str(key)
 
 
-def sample_key(rng: np.random.Generator) -> int:
-    """A pass key uniform in 1..49999 (landmark's `randint(1, 50000)`)."""
-    return int(rng.integers(KEY_LOW, KEY_HIGH))
+def sample_key(rng: np.random.Generator, digits: int | None = None) -> int:
+    """A pass key uniform in 1..49999 (landmark's `randint(1, 50000)`); with `digits`, one with a
+    number of digits uniform in 1..digits, then uniform among the numbers of that length."""
+    if digits is None:
+        return int(rng.integers(KEY_LOW, KEY_HIGH))
+    n = int(rng.integers(1, digits + 1))
+    return int(rng.integers(max(10 ** (n - 1), KEY_LOW), 10 ** n))
 
 
 @dataclass(frozen=True)
