@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/python -m fot.demo
 
 # Two workers, tests of one module on one worker (module fixtures are built once): the suite is
-# mostly single-threaded XLA compiles (2026-12-01, 2-core CI-size machine: 10 min 47 s with two
-# workers; one worker took 16 min 49 s, that run under extra load).
+# mostly single-threaded XLA compiles, which tests/conftest.py caches on disk (2026-12-03, 2-core
+# CI-size machine, clean clone: 9 min 29 s with two workers; 13 min 33 s before the cache, busier host).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadscope
 
