@@ -68,7 +68,7 @@ from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "doc_ids")  # what the step reads of a pipeline batch
+BATCH_KEYS = ("inputs", "targets", "loss_mask")  # what the step reads of a pipeline batch
 MEMORY_SCOPE = "fot_memory"  # named scope of the memory-layer code, to find its ops in the HLO
 
 
@@ -110,7 +110,7 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, par
     def loss_sum(params, batch):
         module = nnx.merge(graphdef, params, rest)
         logits = forward(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping,
-                         batch["doc_ids"] if tr.document_mask else None)
+                         batch.get("doc_ids"))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         mask = batch["loss_mask"]
         return jnp.sum(ce * mask), jnp.sum(mask)
@@ -175,10 +175,11 @@ class StepPlan:
         self.abstract = {"params": params, "opt_state": jax.tree.map(with_sharding, opt, opt_sh),
                          "halted": jax.ShapeDtypeStruct((), jnp.bool_, sharding=self.replicated)}
         self.batch_sharding = sharding.batch_sharding(mesh, 3, micro=True)
+        self.batch_keys = BATCH_KEYS + ("doc_ids",) * tr.document_mask  # the mask reads doc ids
         self.abstract_batch = {
             k: jax.ShapeDtypeStruct((self.accum, self.micro, self.window),
                                     jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=self.batch_sharding) for k in BATCH_KEYS}
+                                    sharding=self.batch_sharding) for k in self.batch_keys}
         step = make_step(self.graphdef, self.rest, self.tx, cfg, param_sh)
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                             out_shardings=(self.shardings, self.replicated), donate_argnums=0)
@@ -213,11 +214,11 @@ class StepPlan:
         slot in slot order; on one process the global batch) -> its rows of every micro-batch, on
         the mesh."""
         want = len(self.slots) * self.cfg.train.pack_size
-        for key in BATCH_KEYS:
+        for key in self.batch_keys:
             if batch[key].shape != (want, self.window):
                 raise TrainError(f"batch {key!r} has shape {batch[key].shape}, not the {want} rows "
                                  f"of pack slots {self.slots} x {self.window} tokens")
-        local = {key: batch[key][self._take] for key in BATCH_KEYS}
+        local = {key: batch[key][self._take] for key in self.batch_keys}
         return sharding.shard_batch(local, self.mesh, micro=True)
 
     def param_count(self) -> int:
