@@ -11,6 +11,9 @@ a `ConfigError` naming the dotted key and the file.
       seed: 0
       methods: [fot-dense, baseline+yarn, ...]  # passkey_retrieval only (experiments/methods.py)
       baseline_overrides: ["train.learning_rate=1e-3"]  # passkey_retrieval only
+      seeds: [0, 1, 2]            # training seeds (train.seed = data.seed); empty: the config's own
+      finetune: {steps: 200, factor: 4, learning_rate: 3e-4, warmup_steps: 20}  # ft-* and fot-ft
+      distractors: [0, 8, 64]     # the named-key multi-document task (empty: not run)
     sweep:                        # experiments.sweep only
       axes: {train.cross_batch_range: [0, 1, 3]}  # or cells: [{key: value, ...}, ...]
 
@@ -20,12 +23,24 @@ a `ConfigError` naming the dotted key and the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 from fot.config import Config, ConfigError, apply_overrides, build, config_from_dict, read_yaml
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuned opponents: the baseline continued at `factor` x its context with PI (ft-pi) or
+    YaRN (ft-yarn), the same tokens per step; FoT continued for the same steps (fot-ft)."""
+
+    steps: int = 200
+    factor: int = 4
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,9 @@ class ExperimentConfig:
     seed: int = 0
     methods: tuple[str, ...] = ()  # empty: the runner's default set
     baseline_overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distractors: tuple[int, ...] = ()
 
     def token_lengths(self) -> list[int]:
         from fot.eval.report import parse_length
@@ -103,6 +121,17 @@ def _validate(ex: ExperimentConfig, cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: experiment.lengths[{i}]: {e}") from None
     if ex.trials <= 0:
         raise ConfigError(f"{where}: experiment.trials must be positive, got {ex.trials}")
+    if len(set(ex.seeds)) != len(ex.seeds) or any(s < 0 for s in ex.seeds):
+        raise ConfigError(f"{where}: experiment.seeds must be distinct and >= 0, got {list(ex.seeds)}")
+    if any(d < 0 for d in ex.distractors):
+        raise ConfigError(f"{where}: experiment.distractors must be >= 0, got {list(ex.distractors)}")
+    ft = ex.finetune
+    for name in ("steps", "factor", "warmup_steps"):
+        if getattr(ft, name) < (0 if name == "warmup_steps" else 1):
+            raise ConfigError(f"{where}: experiment.finetune.{name} must be positive, got {getattr(ft, name)}")
+    if not (ft.learning_rate > 0 and math.isfinite(ft.learning_rate)):
+        raise ConfigError(f"{where}: experiment.finetune.learning_rate must be a positive number, "
+                          f"got {ft.learning_rate}")
     try:
         passkey.parse_depths(ex.depths)
     except ValueError as e:

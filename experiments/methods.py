@@ -5,7 +5,11 @@
                                train.pack_size: the context the baseline attends to in training)
     baseline[+ROPE[:F]]        the baseline with plain causal attention over the whole prompt; ROPE
                                scales by F, by default (eval length / baseline training context) at
-                               each length, at least 1
+                               each length, at least 1; dynamic NTK derives its scale from the
+                               length itself, so its default factor is 1 (transformers' semantics)
+    ft-pi, ft-yarn             the baseline fine-tuned at a longer context with PI / YaRN
+                               (experiment.finetune), evaluated with the scaling it was trained with
+    fot-ft                     FoT trained on for the same steps and tokens, dense memory
     ROPE: linear, ntk, dynamic, yarn, llama3 (fot.eval.passkey.rope_scaling_from_spec)
 """
 
@@ -25,13 +29,23 @@ DEFAULT_METHODS = ("fot-dense", "fot-knn", "fot-dense+linear", "fot-dense+yarn",
 @dataclass(frozen=True)
 class Method:
     spec: str
-    model: str  # "fot" or "baseline"
+    model: str  # the trained model it uses: "fot", "baseline", "fot-ft", "ft-pi" or "ft-yarn"
     retrieval: str | None  # fot only
     rope: str | None
     factor: float | None  # None: the default described in the module docstring
 
+    @property
+    def memory(self) -> bool:
+        return self.model.startswith("fot")
+
+
+FINETUNED = {"fot-ft": ("fot-ft", "dense"), "ft-pi": ("ft-pi", None), "ft-yarn": ("ft-yarn", None)}
+
 
 def parse_method(spec: str) -> Method:
+    if spec in FINETUNED:
+        model, retrieval = FINETUNED[spec]
+        return Method(spec, model, retrieval, None, None)
     head, plus, rope = spec.partition("+")
     model, _, retrieval = head.partition("-")
     name, colon, factor = rope.partition(":")
@@ -45,8 +59,8 @@ def parse_method(spec: str) -> Method:
         except ValueError:
             ok = False
     if not ok:
-        raise ValueError(f"unknown method {spec!r}: use fot-RETRIEVAL[+ROPE[:F]] or baseline[+ROPE[:F]] "
-                         f"with RETRIEVAL one of {', '.join(RETRIEVALS)}, ROPE one of "
+        raise ValueError(f"unknown method {spec!r}: use fot-RETRIEVAL[+ROPE[:F]], baseline[+ROPE[:F]], "
+                         f"{', '.join(FINETUNED)}, with RETRIEVAL one of {', '.join(RETRIEVALS)}, ROPE one of "
                          f"{', '.join(ROPES)} and a factor F >= 1")
     return Method(spec, model, retrieval or None, name or None, value)
 
@@ -55,7 +69,7 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
              depths, seed: int, progress: bool = True) -> tuple[list[dict], dict]:
     """Passkey trials of one method on its loaded model (fot or baseline), each trial recording the
     RoPE scaling and local window it ran with; and the method's settings for results.json."""
-    if method.model == "fot":
+    if method.memory:
         win = window if method.rope is None else int(window * (method.factor or pack_size))
         # No factor in the spec: prepare() scales max_position_embeddings to the window.
         gen, _ = passkey.prepare(model, memory=True, retrieval=method.retrieval, rope_scaling=method.rope,
@@ -72,7 +86,7 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
         rope = gen.model.config.model.rope_scaling
         for t in passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True):
             out.append({**t, "window": win, "rope_scaling": dict(rope) if rope else None})
-    info = {"model": method.model, "memory": method.model == "fot", "retrieval": method.retrieval,
+    info = {"model": method.model, "memory": method.memory, "retrieval": method.retrieval,
             "knn_k": model.config.memory.knn_k if method.retrieval == "knn" else None, "window": win,
             "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out}}
     return out, info

@@ -31,7 +31,7 @@ from fot.config import Config, ConfigError, apply_overrides, config_from_dict
 from experiments.config import ExperimentFile, check_capacity, load_experiment
 from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method
 from experiments.provenance import run_meta
-from experiments.training import Interrupted, check_same_run, ensure_trained
+from experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
 
 
 def baseline_config(cfg: Config, overrides: tuple[str, ...] = (), where: str = "<baseline>") -> Config:
@@ -53,9 +53,48 @@ def with_run_dir(cfg: Config, run_dir: Path) -> Config:
     return cfg.replace(train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
 
 
-def plan(ef: ExperimentFile, out: Path) -> tuple[Config, Config, list[Method]]:
-    """The FoT and baseline configs (run dirs under out/runs) and the methods; every input error is
-    raised here, before any training."""
+def with_seed(cfg: Config, seed: int) -> Config:
+    """One training run of the replication: the init and the data stream both follow the seed."""
+    return cfg.replace(train=dataclasses.replace(cfg.train, seed=seed),
+                       data=dataclasses.replace(cfg.data, seed=seed))
+
+
+def continued(cfg: Config, parent: Config, ft, where: str, **train) -> Config:
+    """`cfg` trained on from `parent`'s final weights for ft.steps at a constant ft.learning_rate (a
+    fresh optimizer, as a fine-tune of a released checkpoint starts)."""
+    tree = cfg.to_dict()
+    tree["train"].update(init_from=str(Path(parent.train.run_dir) / "final"), steps=ft.steps,
+                         learning_rate=ft.learning_rate, warmup_steps=ft.warmup_steps,
+                         schedule="constant", **train)
+    return config_from_dict(tree, where)
+
+
+def finetuned_baseline(cfg: Config, base: Config, ft, rope_type: str, where: str) -> Config:
+    """`cfg` (the baseline's config with its own run dir) continued from `base` at ft.factor x its
+    context with PI (linear) or YaRN scaling of factor ft.factor (original context: the baseline's),
+    the same tokens per step."""
+    window = base.train.window or base.model.max_position_embeddings
+    if base.train.batch_size % ft.factor:
+        raise ConfigError(f"{where}: experiment.finetune.factor={ft.factor} does not divide the "
+                          f"baseline's {base.train.batch_size} rows per step (the fine-tune keeps the "
+                          f"tokens per step: rows / factor rows of factor x the window)")
+    rope = {"rope_type": rope_type, "factor": float(ft.factor)}
+    if rope_type == "yarn":
+        rope["original_max_position_embeddings"] = window
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, rope_scaling=rope))
+    return continued(cfg, base, ft, where, window=window * ft.factor,
+                     batch_size=base.train.batch_size // ft.factor)
+
+
+# Training order (a fine-tune after the model it starts from) and what each starts from.
+MODELS = ("fot", "baseline", "fot-ft", "ft-pi", "ft-yarn")
+PARENT = {"fot-ft": "fot", "ft-pi": "baseline", "ft-yarn": "baseline"}
+
+
+def plan(ef: ExperimentFile, out: Path, seed: int | None = None) -> tuple[dict[str, Config], list[Method]]:
+    """The configs of every model the methods need, by name (fot, baseline, fot-ft, ft-pi, ft-yarn;
+    run dirs under out/runs), for training seed `seed` (None: the config's own seeds), and the
+    methods; every input error is raised here, before any training."""
     where = ef.where
     if ef.sweep is not None:
         raise ConfigError(f"{where}: has a sweep block; run it with python -m experiments.sweep")
@@ -69,37 +108,53 @@ def plan(ef: ExperimentFile, out: Path) -> tuple[Config, Config, list[Method]]:
             methods.append(parse_method(spec))
         except ValueError as e:
             raise ConfigError(f"{where}: experiment.methods[{i}]: {e}") from None
-        if methods[-1].model == "fot" and not cfg.memory.layers:
+        if methods[-1].memory and not cfg.memory.layers:
             raise ConfigError(f"{where}: experiment.methods[{i}] = {spec!r} asks for memory retrieval, but "
                               f"the model has no memory layers (memory.layers is empty)")
-    if any(m.model == "fot" for m in methods):
+    if any(m.memory for m in methods):
         check_capacity(cfg, ef.experiment.token_lengths(), where)
+    if seed is not None:
+        cfg = with_seed(cfg, seed)
     base_where = f"{where}, baseline derived with experiment.baseline_overrides " \
                  f"{list(ef.experiment.baseline_overrides)}"
     base = baseline_config(cfg, ef.experiment.baseline_overrides, base_where)
-    return with_run_dir(cfg, out / "runs" / "fot"), with_run_dir(base, out / "runs" / "baseline"), methods
+    runs = out / "runs"
+    cfgs = {"fot": with_run_dir(cfg, runs / "fot"), "baseline": with_run_dir(base, runs / "baseline")}
+    ft = ef.experiment.finetune
+    cfgs["fot-ft"] = continued(with_run_dir(cfg, runs / "fot-ft"), cfgs["fot"], ft, f"{where}, fot-ft")
+    for rope, name in (("linear", "ft-pi"), ("yarn", "ft-yarn")):
+        cfgs[name] = finetuned_baseline(with_run_dir(base, runs / name), cfgs["baseline"], ft, rope,
+                                        f"{where}, {name}")
+    for name in ("baseline", "ft-pi", "ft-yarn"):
+        check_documents(cfgs[name], f"{where}, {name}")
+    return cfgs, methods
 
 
-def run(ef: ExperimentFile, out: Path, progress: bool = True, argv: list[str] | None = None) -> dict[str, Path]:
+def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list[str] | None = None,
+        progress: bool = True, argv: list[str] | None = None) -> dict[str, Path]:
+    """Train what the methods need (or only `train_only` and what they start from) for training seed
+    `seed` in out/runs, then evaluate every method into out (nothing with train_only)."""
     from fot.convert import load_model
     from fot.eval import report
 
-    fot_cfg, base_cfg, methods = plan(ef, out)
+    cfgs, methods = plan(ef, out, seed)
     ex = ef.experiment
     lengths = ex.token_lengths()
+    wanted = set(train_only) if train_only is not None else {m.model for m in methods}
+    needed = [n for n in MODELS if n in wanted or any(PARENT.get(w) == n for w in wanted)]
     meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ex),
-            "configs": {"fot": fot_cfg.to_dict(), "baseline": base_cfg.to_dict()}, "training": {},
+            "training_seed": seed, "configs": {n: cfgs[n].to_dict() for n in needed}, "training": {},
             "methods": {}}
-    needed = {m.model for m in methods}
-    cfgs = {"fot": fot_cfg, "baseline": base_cfg}
-    for name in needed:  # a stale run dir fails now, not after the other model's training
+    for name in needed:  # a stale run dir fails now, not after another model's training
         check_same_run(cfgs[name], Path(cfgs[name].train.run_dir))
-    for name in ("fot", "baseline"):
-        if name in needed:
-            print(f"== training {name} in {cfgs[name].train.run_dir}", flush=True)
-            meta["training"][name] = ensure_trained(cfgs[name], progress)
-    models = {name: load_model(meta["training"][name]["final"]) for name in needed}
+    for name in needed:
+        print(f"== training {name} in {cfgs[name].train.run_dir}", flush=True)
+        meta["training"][name] = ensure_trained(cfgs[name], progress)
+    if train_only is not None:
+        return {}
+    models = {name: load_model(meta["training"][name]["final"]) for name in wanted}
+    fot_cfg = cfgs["fot"]
     window = fot_cfg.train.window or fot_cfg.model.max_position_embeddings
     trials: list[dict] = []
     paths: dict[str, Path] = {}
@@ -119,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="experiment config (e.g. configs/experiments/passkey_tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 experiment.trials=2")
     ap.add_argument("--out", default=None, help="output directory (default experiments/results/<name>)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="run one training seed of experiment.seeds into OUT/seeds/SEED (default: all, in turn)")
+    ap.add_argument("--train-only", default=None, metavar="MODELS",
+                    help=f"comma-separated models to train (and what they start from), no evaluation: "
+                         f"{', '.join(MODELS)}")
+    ap.add_argument("--gather", action="store_true",
+                    help="only pool the finished seeds' results into OUT (results.md, results.json, plots)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_intermixed_args(argv)
     from fot.checkpoint import CheckpointError
@@ -128,7 +190,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ef = load_experiment(args.config, args.overrides)
         out = Path(args.out or Path("experiments") / "results" / ef.name)
-        paths = run(ef, out, progress=not args.no_progress, argv=argv)
+        train_only = None
+        if args.train_only is not None:
+            train_only = [m.strip() for m in args.train_only.split(",") if m.strip()]
+            bad = [m for m in train_only if m not in MODELS]
+            if bad or not train_only:
+                raise ConfigError(f"--train-only {args.train_only!r}: use models among {', '.join(MODELS)}")
+        seeds = list(ef.experiment.seeds)
+        if args.seed is not None and args.seed not in seeds:
+            raise ConfigError(f"{ef.where}: --seed {args.seed} is not one of experiment.seeds {seeds}")
+        todo = [args.seed] if args.seed is not None else seeds
+        paths = {}
+        if not args.gather:
+            for s in todo or [None]:
+                where = out if s is None else out / "seeds" / str(s)
+                paths = run(ef, where, s, train_only, progress=not args.no_progress, argv=argv)
+        if seeds and train_only is None and (args.gather or args.seed is None):
+            paths = gather(ef, out, argv)
+        if not paths:
+            return 0
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum

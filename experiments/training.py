@@ -66,6 +66,20 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
                           f"another output directory")
 
 
+def check_documents(cfg: Config, where: str) -> None:
+    """Read each pack slot's document stream as training would until it gives a window-long
+    document: a source mix that never does is a ConfigError now, not a DataError mid-experiment."""
+    from fot.data.pipeline import BatchStream
+    from fot.data.sources import DataError
+
+    try:
+        for docs in BatchStream(cfg).docs.values():
+            while docs.reads_before_long >= 0:
+                docs.next()
+    except DataError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def last_loss(run_dir: Path, step: int) -> float:
     """The training loss at `step` from metrics.jsonl (NaN if it was not logged)."""
     path = run_dir / "metrics.jsonl"

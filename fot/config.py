@@ -160,6 +160,8 @@ class SourceConfig:
     # five digits); N draws the number of digits uniformly in 1..N first, so that short keys are
     # as common as long ones.
     key_digits: int | None = None
+    # builtin:passkey only: the fraction of documents whose key is named ("the pass key of QXZ is").
+    named: float = 0.0
 
     def validate(self, where: str, key: str) -> None:
         if not self.path:
@@ -174,8 +176,9 @@ class SourceConfig:
         if self.max_chars is not None and self.max_chars < max(self.min_chars, 1):
             raise ConfigError(f"{where}: {key}.max_chars={self.max_chars} is below "
                               f"{key}.min_chars={self.min_chars}")
-        if not 0.0 <= self.mixed_filler <= 1.0:
-            raise ConfigError(f"{where}: {key}.mixed_filler must be in [0, 1], got {self.mixed_filler}")
+        for name in ("mixed_filler", "named"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{where}: {key}.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.path == "builtin:passkey" and self.min_chars < 1:
             raise ConfigError(f"{where}: {key}.min_chars must be >= 1 for builtin:passkey")
         if self.key_digits is not None and not 1 <= self.key_digits <= 18:

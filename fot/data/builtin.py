@@ -61,12 +61,16 @@ class PasskeyCorpus:
     the model must retrieve the key rather than spot the only non-repetitive line; the others use
     the evaluation's filler exactly. `intro=False` leaves out the task description (148 characters),
     so that short documents are mostly filler, key and question. `key_digits`: see
-    `passkey.sample_key`.
+    `passkey.sample_key`. A fraction `named` of the documents name their key ("the pass key of QXZ
+    is ..."), so that a key read from another document (a crossbatch negative) looks like the answer
+    and only the name tells them apart.
     """
 
     def __init__(self, seed: int, min_chars: int = 2000, max_chars: int | None = None,
-                 mixed_filler: float = 0.5, intro: bool = True, key_digits: int | None = None):
+                 mixed_filler: float = 0.5, intro: bool = True, key_digits: int | None = None,
+                 named: float = 0.0):
         self.seed = seed
+        self.named = named
         self.key_digits = key_digits
         self.mixed_filler = mixed_filler
         self.intro = intro
@@ -80,14 +84,16 @@ class PasskeyCorpus:
         key = passkey.sample_key(rng, self.key_digits)
         depth = float(rng.random())
         real_fraction = 0.5 if rng.random() < self.mixed_filler else 0.0
+        # No draw when named == 0: the documents of configs written before `named` stay the same.
+        name = passkey.sample_name(rng) if self.named and rng.random() < self.named else None
         answer = f" {key}."
-        n = max(n_chars - len(passkey.assemble("", "", key, self.intro)) - len(answer), 0)
+        n = max(n_chars - len(passkey.assemble("", "", key, self.intro, name)) - len(answer), 0)
         cut = int(round(depth * n))
         if real_fraction == 0.0:  # the evaluation's filler
             body = passkey.filler(cut) + passkey.filler(n - cut)
         else:
             body = self._mixed_filler(rng, n, real_fraction)
-        return passkey.assemble(body[:cut], body[cut:], key, self.intro) + answer
+        return passkey.assemble(body[:cut], body[cut:], key, self.intro, name) + answer
 
     def _mixed_filler(self, rng: np.random.Generator, n: int, real_fraction: float) -> str:
         if self._real is None:

@@ -26,14 +26,29 @@ def filler(n_chars: int) -> str:
     return " ".join([FILLER] * reps)[:n_chars]
 
 
-def key_line(key: int) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+NAME_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def assemble(prefix: str, suffix: str, key: int, intro: bool = True) -> str:
+def key_line(key: int, name: str | None = None) -> str:
+    """The key line; with `name`, the named variant of the multi-document task ("the pass key of
+    QXZ is ...")."""
+    if name is None:
+        return f"The pass key is {key}. Remember it. {key} is the pass key."
+    return f"The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+
+
+def question(name: str | None = None) -> str:
+    return QUESTION if name is None else f"What is the pass key of {name}? The pass key of {name} is"
+
+
+def sample_name(rng: np.random.Generator, n_letters: int = 3) -> str:
+    return "".join(NAME_LETTERS[int(i)] for i in rng.integers(0, len(NAME_LETTERS), n_letters))
+
+
+def assemble(prefix: str, suffix: str, key: int, intro: bool = True, name: str | None = None) -> str:
     """The five parts joined by newlines, with the given filler texts around the key line (four
     without the task description when `intro` is false)."""
-    return "\n".join([INTRO] * intro + [prefix, key_line(key), suffix, QUESTION])
+    return "\n".join([INTRO] * intro + [prefix, key_line(key, name), suffix, question(name)])
 
 
 def passkey_prompt(n_garbage_prefix: int, n_garbage_suffix: int, key: int) -> tuple[str, str]:

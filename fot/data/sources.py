@@ -142,7 +142,7 @@ def open_source(cfg: SourceConfig, seed: int, where: str = "data.sources") -> So
         return Source(label, corpus, len(corpus), seed)
     if cfg.path == "builtin:passkey":
         return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars, cfg.mixed_filler,
-                                                  cfg.intro, cfg.key_digits), None, seed)
+                                                  cfg.intro, cfg.key_digits, cfg.named), None, seed)
     if cfg.path.startswith("builtin:"):
         raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey)")
 
