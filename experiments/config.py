@@ -146,8 +146,18 @@ def _validate(ex: ExperimentConfig, cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: experiment.lengths: {e}") from None
 
 
-def check_capacity(cfg: Config, lengths: list[int], where: str) -> None:
+def check_capacity(cfg: Config, lengths: list[int], where: str, what: str = "experiment.lengths") -> None:
     """Memory on reads whole prompts into the memory: the longest must fit in memory.capacity."""
     if max(lengths) > cfg.memory.capacity:
-        raise ConfigError(f"{where}: experiment.lengths reaches {max(lengths)} tokens, more than "
+        raise ConfigError(f"{where}: {what} reaches {max(lengths)} tokens, more than "
                           f"memory.capacity={cfg.memory.capacity}; raise memory.capacity")
+
+
+def named_prompt_tokens(cfg: Config, distractors: int) -> int:
+    """Tokens of a named-key prompt with `distractors` other documents (5-digit keys: the longest)."""
+    from fot.data import passkey
+    from fot.data.tokenizer import load_tokenizer
+
+    docs = [(f"N{i:05d}"[-3:], passkey.KEY_HIGH - 1 - i) for i in range(distractors + 1)]
+    window = cfg.train.window or cfg.model.max_position_embeddings
+    return len(load_tokenizer(cfg.data.tokenizer).encode(passkey.multidoc_text(docs, 2 * window), bos=True))

@@ -66,9 +66,12 @@ def parse_method(spec: str) -> Method:
 
 
 def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack_size: int, trials: int,
-             depths, seed: int, progress: bool = True) -> tuple[list[dict], dict]:
-    """Passkey trials of one method on its loaded model (fot or baseline), each trial recording the
-    RoPE scaling and local window it ran with; and the method's settings for results.json."""
+             depths, seed: int, distractors: Sequence[int] = (), training_seed: int | None = None,
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Passkey trials of one method on its loaded model, each trial recording the RoPE scaling and
+    local window it ran with and the training seed; with `distractors`, a method with memory also
+    runs the named-key multi-document task (the filler after the asked document is 2 windows long,
+    so the asked key is in memory too). Returns the trials and the method's settings for results.json."""
     if method.memory:
         win = window if method.rope is None else int(window * (method.factor or pack_size))
         # No factor in the spec: prepare() scales max_position_embeddings to the window.
@@ -84,9 +87,12 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
     out = []
     for gen, ns in runs:
         rope = gen.model.config.model.rope_scaling
-        for t in passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True):
-            out.append({**t, "window": win, "rope_scaling": dict(rope) if rope else None})
+        got = passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True)
+        if method.memory and distractors and ns == runs[-1][1]:
+            got += passkey.run_multidoc(gen, distractors, trials, seed, 2 * window, method.spec, progress)
+        out += [{**t, "window": win, "rope_scaling": dict(rope) if rope else None, "seed": training_seed}
+                for t in got]
     info = {"model": method.model, "memory": method.memory, "retrieval": method.retrieval,
             "knn_k": model.config.memory.knn_k if method.retrieval == "knn" else None, "window": win,
-            "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out}}
+            "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out if t["task"] == "passkey"}}
     return out, info

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fot.config import Config, ConfigError, apply_overrides, config_from_dict
 
-from experiments.config import ExperimentFile, check_capacity, load_experiment
+from experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
 from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method
 from experiments.provenance import run_meta
 from experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
@@ -113,6 +113,9 @@ def plan(ef: ExperimentFile, out: Path, seed: int | None = None) -> tuple[dict[s
                               f"the model has no memory layers (memory.layers is empty)")
     if any(m.memory for m in methods):
         check_capacity(cfg, ef.experiment.token_lengths(), where)
+        if ef.experiment.distractors:
+            check_capacity(cfg, [named_prompt_tokens(cfg, max(ef.experiment.distractors))], where,
+                           f"the named-key task with experiment.distractors={max(ef.experiment.distractors)}")
     if seed is not None:
         cfg = with_seed(cfg, seed)
     base_where = f"{where}, baseline derived with experiment.baseline_overrides " \
@@ -161,11 +164,36 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
     for i, m in enumerate(methods, 1):
         print(f"== [{i}/{len(methods)}] {m.spec}", flush=True)
         got, info = evaluate(m, models[m.model], lengths, window=window, pack_size=fot_cfg.train.pack_size,
-                             trials=ex.trials, depths=ex.depths, seed=ex.seed, progress=progress)
+                             trials=ex.trials, depths=ex.depths, seed=ex.seed, distractors=ex.distractors,
+                             training_seed=seed, progress=progress)
         trials += got
         meta["methods"][m.spec] = info
         paths = report.write_accuracy_report(out, trials, meta, name=f"passkey retrieval: {ef.name}")
     return paths
+
+
+def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict[str, Path]:
+    """Pool the trials of every finished seed (out/seeds/S/results.json) into out: results.json (each
+    seed's provenance under "seeds", every trial with its seed), results.md and the plots."""
+    from fot.eval import report
+
+    seeds, trials = {}, []
+    for s in ef.experiment.seeds:
+        path = out / "seeds" / str(s) / "results.json"
+        if not path.is_file():
+            print(f"seed {s}: no {path} yet, left out", flush=True)
+            continue
+        data = report.read_json(path)
+        trials += data.pop("trials")
+        seeds[str(s)] = {k: data[k] for k in ("command", "date", "machine", "git_commit", "git_dirty",
+                                               "training", "methods") if k in data}
+    if not seeds:
+        raise ConfigError(f"{out}: no finished seed to gather (run --seed S first)")
+    meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
+            "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ef.experiment),
+            "seeds": seeds}
+    return report.write_accuracy_report(out, trials, meta, name=f"passkey retrieval: {ef.name}, "
+                                                                  f"training seeds {', '.join(seeds)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,14 @@ class PasskeyPrompt:
     answer_ids: list[int]  # the tokens that continue `ids` with " {key}" (what greedy decoding must emit)
     n_garbage: int  # filler characters, prefix + suffix
     depth: float  # requested relative position of the key line in the filler
+    key_span: tuple[int, int]  # the asked key line's tokens: ids[start:end] (BOS counted)
+
+
+def _key_span(tokenizer, text: str, line: str) -> tuple[int, int]:
+    # The last occurrence is the asked line (distractor lines come before it).
+    start = text.rindex(line)
+    return (len(tokenizer.encode(text[:start], bos=True)),
+            len(tokenizer.encode(text[:start + len(line)], bos=True)))
 
 
 def _answer_ids(tokenizer, prompt_ids: list[int], text: str, answer: str) -> list[int]:
@@ -115,4 +123,40 @@ def build_passkey_prompt(tokenizer, target_tokens: int, depth: float, key: int) 
             hi = mid
     text, ids = make(lo)
     answer = str(key)
-    return PasskeyPrompt(text, answer, ids, _answer_ids(tokenizer, ids, text, answer), lo, depth)
+    return PasskeyPrompt(text, answer, ids, _answer_ids(tokenizer, ids, text, answer), lo, depth,
+                         _key_span(tokenizer, text, key_line(key)))
+
+
+# The named-key multi-document task: D other documents, each a named key line after some filler, then
+# the asked document, filler that pushes it out of the local window, and a question that names it.
+DOC_FILLER_CHARS = 100
+
+
+def sample_named_keys(rng: np.random.Generator, n: int) -> list[tuple[str, int]]:
+    """n (name, key) pairs, names and keys all distinct; the last one is the asked pair."""
+    names: dict[str, int] = {}
+    keys: set[int] = set()
+    while len(names) < n:
+        name, key = sample_name(rng), sample_key(rng)
+        if name not in names and key not in keys:
+            names[name] = key
+            keys.add(key)
+    return list(names.items())
+
+
+def multidoc_text(docs: list[tuple[str, int]], tail_chars: int) -> str:
+    """Every (name, key) as a document of filler and its key line, in order, then `tail_chars` of
+    filler and the question naming the last one."""
+    parts = [f"{filler(DOC_FILLER_CHARS)}\n{key_line(key, name)}" for name, key in docs]
+    return "\n".join([*parts, filler(tail_chars), question(docs[-1][0])])
+
+
+def build_multidoc_prompt(tokenizer, docs: list[tuple[str, int]], tail_chars: int) -> PasskeyPrompt:
+    """The named-key prompt of `docs` (the last is asked); depth is that of the asked key line."""
+    name, key = docs[-1]
+    text = multidoc_text(docs, tail_chars)
+    ids = tokenizer.encode(text, bos=True)
+    answer = str(key)
+    span = _key_span(tokenizer, text, key_line(key, name))
+    return PasskeyPrompt(text, answer, ids, _answer_ids(tokenizer, ids, text, answer), tail_chars,
+                         span[0] / len(ids), span)

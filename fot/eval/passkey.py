@@ -112,13 +112,40 @@ def new_tokens(output: Any) -> list[int]:
     return [int(t) for t in np.asarray(output).reshape(-1)]
 
 
+def key_place(span: tuple[int, int], memory_tokens: int | None) -> str | None:
+    """Where the asked key line was when the question was read: "memory" (read into the FoT memory),
+    "local" (in the final local context), "both" (split across the boundary); None without memory."""
+    if memory_tokens is None:
+        return None
+    start, end = span
+    return "memory" if end <= memory_tokens else "local" if start >= memory_tokens else "both"
+
+
+def run_trial(model: Generator, p: prompts.PasskeyPrompt, until_wrong: bool = False) -> dict:
+    """One greedy trial: the answer's tokens and the one after them. `correct` is the exact match of
+    the answer's tokens (the reference's score); `overgenerated` marks a correct answer followed by
+    another digit (the model did not know where the key ends). `key_in`: see key_place."""
+    tok = model.tokenizer
+    n = len(p.answer_ids)
+    if until_wrong and hasattr(model, "greedy_until_wrong"):
+        out = model.greedy_until_wrong(p.ids, p.answer_ids, follow=True)
+    else:
+        out = new_tokens(model.generate(p.ids, max_new_tokens=n + 1, temperature=0.0))
+    correct = score(out[:n], p.answer_ids)
+    after = tok.decode(out[n:n + 1]) if correct and len(out) > n else None
+    memory_tokens = getattr(model, "memory_tokens", lambda _: None)(len(p.ids))
+    return {"prompt_tokens": len(p.ids), "answer": p.answer, "answer_ids": list(map(int, p.answer_ids)),
+            "generated_ids": out[:n + 1], "generated": tok.decode(out[:n]), "after": after,
+            "correct": correct, "overgenerated": bool(after and after.strip()[:1].isdigit()),
+            "key_span": list(p.key_span), "key_in": key_place(p.key_span, memory_tokens)}
+
+
 def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
                 depths: str | Sequence[float] = "uniform", seed: int = 0, method: str = "model",
                 progress: bool = True, until_wrong: bool = False) -> list[dict]:
-    """Every trial as a dict: method, length, trial, depth, key, prompt_tokens, answer, answer_ids,
-    generated_ids, generated (decoded), correct. `until_wrong`: a generator with `greedy_until_wrong`
-    (the FullAttention baseline) gets the same verdict from one forward instead of one per answer
-    token, and its generated_ids end at the first wrong token."""
+    """Every trial as a dict: method, length, trial, depth, key and run_trial's record. `until_wrong`:
+    a generator with `greedy_until_wrong` (the FullAttention baseline) gets the same verdict from one
+    forward instead of one per answer token, and its generated_ids end at the first wrong token."""
     from tqdm.auto import tqdm
 
     tok = model.tokenizer
@@ -130,17 +157,35 @@ def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
     bar = tqdm(plan, desc=f"passkey {method}", disable=not progress, unit="trial")
     for t in bar:
         p = prompts.build_passkey_prompt(tok, t["length"], t["depth"], t["key"])
-        n = len(p.answer_ids)
-        if until_wrong and hasattr(model, "greedy_until_wrong"):
-            out = model.greedy_until_wrong(p.ids, p.answer_ids)
-        else:
-            out = new_tokens(model.generate(p.ids, max_new_tokens=n, temperature=0.0))
-        correct = score(out, p.answer_ids)
-        hits += correct
-        results.append({"method": method, **t, "prompt_tokens": len(p.ids), "answer": p.answer,
-                        "answer_ids": list(map(int, p.answer_ids)), "generated_ids": out,
-                        "generated": tok.decode(out), "correct": correct})
+        results.append({"method": method, "task": "passkey", **t, **run_trial(model, p, until_wrong)})
+        hits += results[-1]["correct"]
         bar.set_postfix(length=t["length"], acc=f"{hits / len(results):.2f}")
+    return results
+
+
+def run_multidoc(model: Generator, distractors: Sequence[int], trials: int, seed: int, tail_chars: int,
+                 method: str = "model", progress: bool = True, until_wrong: bool = False) -> list[dict]:
+    """The named-key multi-document task: for each D in `distractors`, `trials` prompts with D other
+    named documents before the asked one (fot.data.passkey.build_multidoc_prompt); trial j of D
+    draws its names and keys from default_rng([seed, D, j]). Records as run_passkey's, with
+    `distractors` = D and `length` = the prompt's tokens."""
+    from tqdm.auto import tqdm
+
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer; passkey prompts are text")
+    results, hits = [], 0
+    plan = [(d, j) for d in distractors for j in range(trials)]
+    bar = tqdm(plan, desc=f"named keys {method}", disable=not progress, unit="trial")
+    for d, j in bar:
+        docs = prompts.sample_named_keys(np.random.default_rng([seed, d, j]), d + 1)
+        p = prompts.build_multidoc_prompt(tok, docs, tail_chars)
+        rec = run_trial(model, p, until_wrong)
+        results.append({"method": method, "task": "named", "distractors": int(d), "trial": j,
+                        "length": rec["prompt_tokens"], "depth": p.depth, "key": docs[-1][1],
+                        "name": docs[-1][0], "distractor_keys": [k for _, k in docs[:-1]], **rec})
+        hits += results[-1]["correct"]
+        bar.set_postfix(distractors=d, acc=f"{hits / len(results):.2f}")
     return results
 
 
@@ -180,19 +225,21 @@ class FullAttention:
                 buf[0, n + i] = out[-1]
         return out
 
-    def greedy_until_wrong(self, prompt_ids, answer_ids: Sequence[int]) -> list[int]:
+    def greedy_until_wrong(self, prompt_ids, answer_ids: Sequence[int], follow: bool = False) -> list[int]:
         """generate()'s tokens up to and including the first one that differs from answer_ids, from
         ONE forward over prompt + answer (teacher forcing): while the greedy tokens equal the answer,
         generate() feeds the very same buffer, so every logit up to the first mismatch is the same.
-        What follows a wrong token is not computed: the trial is wrong either way."""
+        What follows a wrong token is not computed: the trial is wrong either way. `follow`: after a
+        whole correct answer, also the token generate() would emit next."""
         answer = [int(t) for t in answer_ids]
-        buf, n = self._buffer(prompt_ids, len(answer))
-        buf[0, n:] = answer[:-1]
+        fed = answer if follow else answer[:-1]
+        buf, n = self._buffer(prompt_ids, len(fed) + 1)
+        buf[0, n:] = fed
         picks = np.argmax(np.asarray(self.model.logits(buf)[0, n - 1:]), axis=-1)
         out = []
-        for pick, want in zip(picks, answer):
+        for i, pick in enumerate(picks):
             out.append(int(pick))
-            if out[-1] != want:
+            if i < len(answer) and out[-1] != answer[i]:
                 break
         return out
 
@@ -208,6 +255,12 @@ class WithMemory:
                              "(memory.layers is empty); use memory off for a plain model")
         self.model, self.window, self.last_context_length = model, window, last_context_length
         self.tokenizer = model.tokenizer
+
+    def memory_tokens(self, n_prompt: int) -> int:
+        """How many of a fresh prompt's tokens go into the memory (the rest: the local context)."""
+        lcl = self.model.config.memory.last_context_length if self.last_context_length is None \
+            else self.last_context_length
+        return max(n_prompt - lcl, 0)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **kw):
         return self.model.generate(np.asarray(prompt_ids).reshape(1, -1), max_new_tokens,
@@ -288,6 +341,15 @@ def method_name(memory: bool, retrieval: str | None, rope: dict | None) -> str:
     return name
 
 
+def default_factor(rope_scaling: str | dict | None, span: int, max_pos: int) -> float:
+    """The factor a named scaling gets when none is given: span / max_position_embeddings (at least
+    1), the stretch of the positions, for linear, ntk, yarn and llama3. Dynamic NTK derives its
+    stretch from the current length itself (base x (factor x len / max_pos - (factor - 1))^(d/(d-2)),
+    transformers' semantics), so its factor stays 1: factor L / max_pos would scale twice."""
+    name = rope_scaling.partition(":")[0].strip() if isinstance(rope_scaling, str) else None
+    return 1.0 if name == "dynamic" else max(1.0, span / max_pos)
+
+
 def prepare(model, *, memory: bool, retrieval: str | None = None, rope_scaling: str | dict | None = None,
             max_length: int | None = None, window: int | None = None,
             last_context_length: int | None = None) -> tuple[Generator, str]:
@@ -300,7 +362,7 @@ def prepare(model, *, memory: bool, retrieval: str | None = None, rope_scaling: 
         raise ValueError(f"retrieval {retrieval!r} needs memory on")
     max_pos = model.config.model.max_position_embeddings
     span = (window or max_pos) if memory else (max_length or max_pos)
-    rope = rope_scaling_from_spec(rope_scaling, max(1.0, span / max_pos))
+    rope = rope_scaling_from_spec(rope_scaling, default_factor(rope_scaling, span, max_pos))
     if rope_scaling is not None:
         model = reconfigure(model, rope_scaling=rope)
     if retrieval is not None:

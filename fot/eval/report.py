@@ -94,12 +94,19 @@ def _pyplot():
 
 def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
                xlabel: str, ylabel: str, title: str = "", logx: bool = True,
-               ylim: tuple[float, float] | None = None) -> Path:
-    """One line per series name: {name: (xs, ys)}; x on a log2 axis (context lengths) by default."""
+               ylim: tuple[float, float] | None = None,
+               errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+    """One line per series name: {name: (xs, ys)}; x on a log2 axis (context lengths) by default;
+    `errors` {name: (lower bounds, upper bounds)} draws error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
+        if errors and name in errors:  # asymmetric (lower, upper) bounds, e.g. Wilson intervals
+            lo, hi = errors[name]
+            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                        marker="o", capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted({x for xs, _ in series.values() for x in xs})
@@ -169,30 +176,113 @@ def accuracy_by(trials: Sequence[dict], *keys: str) -> dict[tuple, float]:
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n: centre (p + z²/2n) / (1 + z²/n),
+    half-width z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def counts_by(trials: Sequence[dict], *keys: str) -> dict[tuple, tuple[int, int]]:
+    """(correct, trials) grouped by the given trial keys, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for t in trials:
+        g = groups.setdefault(tuple(t.get(k) for k in keys), [0, 0])
+        g[0] += bool(t["correct"])
+        g[1] += 1
+    return {k: (c, n) for k, (c, n) in groups.items()}
+
+
+def format_rate(k: int, n: int) -> str:
+    """'0.93 [0.79, 0.98] 28/30': the accuracy, its Wilson 95% interval and the counts."""
+    if n == 0:
+        return "—"
+    lo, hi = wilson(k, n)
+    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}] {k}/{n}"
+
+
+def _grid(trials: Sequence[dict], rows: Sequence[str], row_key: str, cols: Sequence[Any], col_key: str,
+          label=str) -> str:
+    cnt = counts_by(trials, row_key, col_key)
+    body = [[r, *[format_rate(*cnt[(r, c)]) if (r, c) in cnt else "—" for c in cols]] for r in rows]
+    return markdown_table([row_key, *[label(c) for c in cols]], body)
+
+
 def write_accuracy_report(out: str | Path, trials: Sequence[dict], meta: dict[str, Any], *,
                           name: str) -> dict[str, Path]:
     """results.json (meta + every trial + accuracy per method and length), results.md (accuracy per
-    length per method), accuracy.png (accuracy vs length per method) and one length x depth heatmap
-    per method (heatmap_METHOD.png). Returns the written paths."""
+    method and length with Wilson 95% intervals; then, where the trials record them, accuracy by
+    where the key was (memory / final local window), over-generated answers, accuracy per training
+    seed, and the named-key task by distractor count), accuracy.png (accuracy vs length per method,
+    interval bars), one length x depth heatmap per method (heatmap_METHOD.png) and, with named-key
+    trials, named.png. Returns the written paths."""
     out = Path(out)
-    methods = list(dict.fromkeys(t["method"] for t in trials))
-    lengths = sorted({t["length"] for t in trials})
-    acc = accuracy_by(trials, "method", "length")
-    summary = {m: {str(n): acc[(m, n)] for n in lengths if (m, n) in acc} for m in methods}
-    paths = {"json": write_json(out / "results.json", {**meta, "accuracy": summary, "trials": list(trials)})}
-    n_trials = Counter((t["method"], t["length"]) for t in trials)
-    rows = [[m, *[acc.get((m, n), float("nan")) for n in lengths],
-             f"{min(n_trials[(m, n)] for n in lengths if (m, n) in n_trials)}"] for m in methods]
-    table = markdown_table(["method", *[format_length(n) for n in lengths], "trials/length"], rows)
+    pk = [t for t in trials if t.get("task", "passkey") == "passkey"]
+    named = [t for t in trials if t.get("task") == "named"]
+    methods = list(dict.fromkeys(t["method"] for t in pk))
+    lengths = sorted({t["length"] for t in pk})
+    cnt = counts_by(pk, "method", "length")
+    summary = {m: {str(n): cnt[(m, n)][0] / cnt[(m, n)][1] for n in lengths if (m, n) in cnt} for m in methods}
+    intervals = {m: {str(n): wilson(*cnt[(m, n)]) for n in lengths if (m, n) in cnt} for m in methods}
+    extra = {}
+    if named:
+        nc = counts_by(named, "method", "distractors")
+        extra["named_accuracy"] = {m: {str(d): k / n for (m2, d), (k, n) in nc.items() if m2 == m}
+                                   for m in dict.fromkeys(t["method"] for t in named)}
+    paths = {"json": write_json(out / "results.json", {**meta, "accuracy": summary, "wilson95": intervals,
+                                                       **extra, "trials": list(trials)})}
+    parts = [f"# {name}\n\nAccuracy by context length (tokens): the fraction of exact answers, its "
+             f"Wilson 95% interval and the counts.\n\n" + _grid(pk, methods, "method", lengths, "length",
+                                                             format_length)]
+    placed = [t for t in pk if t.get("key_in")]
+    if placed:
+        rows = [[m, w, *[format_rate(*c) if (c := counts_by([t for t in placed if t["key_in"] == w],
+                                                          "method", "length").get((m, n))) else "—"
+                        for n in lengths]]
+                for m in methods for w in ("memory", "both", "local")
+                if any(t["method"] == m and t["key_in"] == w for t in placed)]
+        parts.append("## By where the key line was when the question was read\n\n`memory`: read into the "
+                     "FoT memory; `local`: in the final local context; `both`: split across the "
+                     "boundary.\n\n" + markdown_table(["method", "key in", *map(format_length, lengths)], rows))
+    if any("overgenerated" in t for t in pk):
+        rows = [[m, *[f"{sum(t['overgenerated'] for t in pk if t['method'] == m and t['length'] == n)}"
+                      f"/{sum(t['correct'] for t in pk if t['method'] == m and t['length'] == n)}"
+                      for n in lengths]] for m in methods]
+        parts.append("## Over-generation\n\nCorrect answers followed by another digit (the model did not "
+                     "stop at the key's end) / correct answers.\n\n"
+                     + markdown_table(["method", *map(format_length, lengths)], rows))
+    seeds = sorted({t["seed"] for t in pk if t.get("seed") is not None})
+    if len(seeds) > 1:
+        per = counts_by(pk, "method", "length", "seed")
+        rows = [[m, format_length(n), *[f"{per[(m, n, s)][0]}/{per[(m, n, s)][1]}" if (m, n, s) in per else "—"
+                                        for s in seeds]] for m in methods for n in lengths]
+        parts.append("## Per training seed\n\nThe training run is the unit of replication: the pooled "
+                     "interval above counts trials, these columns show how much the runs differ.\n\n"
+                     + markdown_table(["method", "length", *[f"seed {s}" for s in seeds]], rows))
+    if named:
+        nmethods = list(dict.fromkeys(t["method"] for t in named))
+        ds = sorted({t["distractors"] for t in named})
+        parts.append("## Named keys: other documents in memory\n\nD other named documents before the asked "
+                     "one; the question names its key.\n\n"
+                     + _grid(named, nmethods, "method", ds, "distractors", lambda d: f"D={d}"))
     md = out / "results.md"
-    md.write_text(f"# {name}: accuracy by context length (tokens)\n\n{table}")
+    md.write_text("\n".join(parts))
     paths["md"] = md
-    series = {m: ([n for n in lengths if (m, n) in acc], [acc[(m, n)] for n in lengths if (m, n) in acc])
-              for m in methods}
-    paths["png"] = plot_lines(out / "accuracy.png", series, xlabel="context length (tokens)",
-                              ylabel="accuracy", title=f"{name} accuracy", ylim=(-0.05, 1.05))
+    paths["png"] = plot_rates(out / "accuracy.png", pk, methods, "length", lengths,
+                              xlabel="context length (tokens)", title=f"{name}: accuracy (Wilson 95%)")
+    if named:
+        paths["named_png"] = plot_rates(out / "named.png", named, nmethods, "distractors", ds, logx=False,
+                                        xlabel="other named documents in memory (D)",
+                                        title=f"{name}: named keys (Wilson 95%)")
     for m in methods:
-        mine = [t for t in trials if t["method"] == m]
+        mine = [t for t in pk if t["method"] == m]
         labels, column = depth_bins([t["depth"] for t in mine])
         cells: dict[tuple[int, int], list[bool]] = {}
         for t in mine:
@@ -204,6 +294,20 @@ def write_accuracy_report(out: str | Path, trials: Sequence[dict], meta: dict[st
                                              xlabel="depth (fraction of the text before the hidden fact)",
                                              ylabel="context length (tokens)", title=f"{name}: {m}")
     return paths
+
+
+def plot_rates(path: str | Path, trials: Sequence[dict], methods: Sequence[str], key: str,
+               xs: Sequence[Any], *, xlabel: str, title: str, logx: bool = True) -> Path:
+    """Accuracy vs trials[key] per method, with Wilson 95% bars."""
+    cnt = counts_by(trials, "method", key)
+    series, errors = {}, {}
+    for m in methods:
+        got = [(x, *cnt[(m, x)]) for x in xs if (m, x) in cnt]
+        series[m] = ([x for x, _, _ in got], [k / n for _, k, n in got])
+        bounds = [wilson(k, n) for _, k, n in got]
+        errors[m] = ([b[0] for b in bounds], [b[1] for b in bounds])
+    return plot_lines(path, series, xlabel=xlabel, ylabel="accuracy", title=title, ylim=(-0.05, 1.05),
+                      logx=logx, errors=errors)
 
 
 def _slug(text: str) -> str:
