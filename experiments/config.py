@@ -160,4 +160,5 @@ def named_prompt_tokens(cfg: Config, distractors: int) -> int:
 
     docs = [(f"N{i:05d}"[-3:], passkey.KEY_HIGH - 1 - i) for i in range(distractors + 1)]
     window = cfg.train.window or cfg.model.max_position_embeddings
-    return len(load_tokenizer(cfg.data.tokenizer).encode(passkey.multidoc_text(docs, 2 * window), bos=True))
+    tail = passkey.named_tail(window)
+    return len(load_tokenizer(cfg.data.tokenizer).encode(passkey.multidoc_text(docs, tail), bos=True))

@@ -89,7 +89,8 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
         rope = gen.model.config.model.rope_scaling
         got = passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True)
         if method.memory and distractors and ns == runs[-1][1]:
-            got += passkey.run_multidoc(gen, distractors, trials, seed, 2 * window, method.spec, progress)
+            got += passkey.run_multidoc(gen, distractors, trials, seed, passkey.prompts.named_tail(window), method.spec,
+                                        progress)
         out += [{**t, "window": win, "rope_scaling": dict(rope) if rope else None, "seed": training_seed}
                 for t in got]
     info = {"model": method.model, "memory": method.memory, "retrieval": method.retrieval,

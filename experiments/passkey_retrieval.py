@@ -124,12 +124,16 @@ def plan(ef: ExperimentFile, out: Path, seed: int | None = None) -> tuple[dict[s
     runs = out / "runs"
     cfgs = {"fot": with_run_dir(cfg, runs / "fot"), "baseline": with_run_dir(base, runs / "baseline")}
     ft = ef.experiment.finetune
-    cfgs["fot-ft"] = continued(with_run_dir(cfg, runs / "fot-ft"), cfgs["fot"], ft, f"{where}, fot-ft")
+    used = {m.model for m in methods}
+    if "fot-ft" in used:
+        cfgs["fot-ft"] = continued(with_run_dir(cfg, runs / "fot-ft"), cfgs["fot"], ft, f"{where}, fot-ft")
     for rope, name in (("linear", "ft-pi"), ("yarn", "ft-yarn")):
-        cfgs[name] = finetuned_baseline(with_run_dir(base, runs / name), cfgs["baseline"], ft, rope,
-                                        f"{where}, {name}")
+        if name in used:
+            cfgs[name] = finetuned_baseline(with_run_dir(base, runs / name), cfgs["baseline"], ft, rope,
+                                            f"{where}, {name}")
     for name in ("baseline", "ft-pi", "ft-yarn"):
-        check_documents(cfgs[name], f"{where}, {name}")
+        if name in cfgs and (name in used or name == "baseline" and used & {"ft-pi", "ft-yarn"}):
+            check_documents(cfgs[name], f"{where}, {name}")
     return cfgs, methods
 
 
@@ -144,6 +148,10 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
     ex = ef.experiment
     lengths = ex.token_lengths()
     wanted = set(train_only) if train_only is not None else {m.model for m in methods}
+    missing = sorted(wanted - set(cfgs))
+    if missing:
+        raise ConfigError(f"{ef.where}: --train-only {','.join(missing)}: no method of experiment.methods "
+                          f"uses it")
     needed = [n for n in MODELS if n in wanted or any(PARENT.get(w) == n for w in wanted)]
     meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ex),

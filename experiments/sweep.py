@@ -165,8 +165,9 @@ def result_path(out: Path, cell: Cell) -> Path:
 
 
 def evaluate_cell(cell: Cell, final: str, ef: ExperimentFile, progress: bool) -> tuple[str, dict, list[dict]]:
-    """Passkey trials of a cell's trained model with its eval-only overrides applied: the method's
-    name, the evaluated model's config and the trials."""
+    """Passkey trials of a cell's trained model with its eval-only overrides applied (with memory:
+    also the named-key task at experiment.distractors): the method's name, the evaluated model's
+    config and the trials, each with the cell's training seed."""
     from fot.convert import load_model
     from fot.eval import passkey
 
@@ -177,7 +178,10 @@ def evaluate_cell(cell: Cell, final: str, ef: ExperimentFile, progress: bool) ->
     ex = ef.experiment
     trials = passkey.run_passkey(gen, ex.token_lengths(), ex.trials, ex.depths, ex.seed, cell.name, progress,
                                  until_wrong=True)
-    return method, model.config.to_dict(), trials
+    if memory and ex.distractors:
+        trials += passkey.run_multidoc(gen, ex.distractors, ex.trials, ex.seed, passkey.prompts.named_tail(window),
+                                       cell.name, progress)
+    return method, model.config.to_dict(), [{**t, "seed": cell.config.train.seed} for t in trials]
 
 
 def run_task(ef: ExperimentFile, out: Path, task_index: int = 0, num_tasks: int = 1,
@@ -208,38 +212,39 @@ def run_task(ef: ExperimentFile, out: Path, task_index: int = 0, num_tasks: int 
     return todo
 
 
+SEED_KEYS = ("train.seed", "data.seed")
+
+
 def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict[str, Path]:
-    """results.json, results.md and accuracy.png from the cells' result files (missing cells: rows of —)."""
+    """From the cells' result files: results.md (per cell without its seed keys, trials of all its
+    training seeds pooled, Wilson 95% intervals, per-seed counts, the named-key task) with a table
+    of final losses, results.json and the plots (missing cells are listed)."""
     from fot.eval import report
 
     cells = plan(ef, out)
     results = {c.name: report.read_json(result_path(out, c)) for c in cells if result_path(out, c).is_file()}
-    lengths = ef.experiment.token_lengths()
-    keys = list(dict.fromkeys(k for c in cells for k in c.overrides))
-    rows = []
-    for c in cells:
-        r = results.get(c.name)
-        acc = [r["accuracy"].get(str(n), float("nan")) if r else float("nan") for n in lengths]
-        loss = r["training"]["final_loss"] if r else float("nan")
-        mean = sum(acc) / len(acc) if r else float("nan")
-        rows.append([*(_value_text(c.overrides.get(k, "")) for k in keys), loss, *acc, mean])
-    headers = [*keys, "final loss", *(report.format_length(n) for n in lengths), "mean"]
+
+    def group(c: Cell) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={_value_text(v)}" for k, v in c.overrides.items()
+                         if k not in SEED_KEYS) or "base"
+
+    trials = [{**t, "method": group(c)} for c in cells if c.name in results for t in results[c.name]["trials"]]
     missing = [c.name for c in cells if c.name not in results]
-    note = f"\n{len(missing)} of {len(cells)} cells have no result yet.\n" if missing else ""
-    md = out / "results.md"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(f"# sweep {ef.name}: passkey accuracy by context length (tokens), "
-                  f"{ef.experiment.trials} trials per length\n\n"
-                  + report.markdown_table(headers, rows) + note)
-    series = {c.label: (lengths, [results[c.name]["accuracy"].get(str(n), float("nan")) for n in lengths])
-              for c in cells if c.name in results}
-    png = report.plot_lines(out / "accuracy.png", series, xlabel="context length (tokens)",
-                            ylabel="passkey accuracy", title=f"sweep {ef.name}", ylim=(-0.05, 1.05))
     meta = {"experiment": ef.name, **run_meta("experiments.sweep", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ef.experiment),
             "sweep": dataclasses.asdict(ef.sweep), "base_config": ef.config.to_dict(), "missing": missing,
-            "cells": [results[c.name] for c in cells if c.name in results]}
-    return {"json": report.write_json(out / "results.json", meta), "md": md, "png": png}
+            "cells": [{k: v for k, v in results[c.name].items() if k != "trials"} for c in cells
+                      if c.name in results]}
+    if not trials:
+        raise ConfigError(f"{out}: no cell has a result yet")
+    paths = report.write_accuracy_report(out, trials, meta, name=f"sweep {ef.name}")
+    losses = [[c.name, results[c.name]["training"]["final_loss"] if c.name in results else float("nan")]
+              for c in cells]
+    note = f"\n{len(missing)} of {len(cells)} cells have no result yet: {', '.join(missing)}\n" if missing else ""
+    with paths["md"].open("a") as f:
+        f.write("\n## Final training loss per cell\n\n" + report.markdown_table(["cell", "final loss"], losses)
+                + note)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,8 +103,9 @@ def test_always_right_scores_100_and_never_right_scores_0(depths):
     assert all(t["correct"] for t in r) and not any(t["correct"] for t in w)
     assert report.accuracy_by(r, "length") == {(260,): 1.0, (700,): 1.0}
     assert report.accuracy_by(w, "length") == {(260,): 0.0, (700,): 0.0}
-    # exactly the answer's length is decoded: " " + digits of the key
-    assert right.calls == [len(str(t["key"])) + 1 for t in r]
+    # the answer's length is decoded (" " + digits of the key), and one token more (what follows it)
+    assert right.calls == [len(str(t["key"])) + 2 for t in r]
+    assert all(t["after"] == "." and not t["overgenerated"] for t in r)
     assert all(t["prompt_tokens"] <= t["length"] for t in r)
 
 
@@ -118,7 +119,9 @@ def test_report_files(tmp_path):
     assert data["accuracy"] == {"right": {"260": 1.0, "512": 1.0}, "wrong": {"260": 0.0, "512": 0.0}}
     assert data["runs"]["right"]["command"] == "a"
     md = (tmp_path / "results.md").read_text()
-    assert "| right | 1 | 1 | 4 |" in md and "| wrong | 0 | 0 | 3 |" in md
+    # accuracy, Wilson 95% interval, counts (4/4: [0.51, 1.00]; 0/3: [0.00, 0.56])
+    assert "| right | 1.00 [0.51, 1.00] 4/4 | 1.00 [0.51, 1.00] 4/4 |" in md
+    assert "| wrong | 0.00 [0.00, 0.56] 0/3 | 0.00 [0.00, 0.56] 0/3 |" in md
     for name in ("accuracy.png", "heatmap_right.png", "heatmap_wrong.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -47,8 +47,8 @@ def write_config(tmp_path, name="exp.yaml", **blocks):
 def test_shipped_experiment_configs_load_and_plan(path, tmp_path):
     ef = load_experiment(path)
     if ef.sweep is None:
-        _, _, methods = passkey_retrieval.plan(ef, tmp_path)
-        assert methods
+        cfgs, methods = passkey_retrieval.plan(ef, tmp_path, (ef.experiment.seeds or [None])[0])
+        assert methods and {m.model for m in methods} <= set(cfgs)
     else:
         assert sweep.plan(ef, tmp_path)
 
@@ -81,20 +81,34 @@ def test_bad_inputs_name_key_and_file(tmp_path):
     assert "raise memory.capacity" in error(memory={"capacity": 300})
     assert "python -m experiments.sweep" in error(sweep={"axes": {"train.seed": [0, 1]}})
     assert "unknown key 'train.sed'" in error(experiment={"baseline_overrides": ["train.sed=1"]})
+    # The baseline's 256-token window: documents of at most 200 bytes never fill it.
+    msg = error(data={"sources": [{"path": "builtin:passkey", "min_chars": 100, "max_chars": 200}]},
+                experiment={"methods": ["baseline"]})
+    assert "baseline" in msg and "has at least 256 tokens" in msg
+    msg = error(experiment={"distractors": [0, 64]}, memory={"capacity": 5000})
+    assert "experiment.distractors=64" in msg and "raise memory.capacity" in msg
+    assert "experiment.seeds must be distinct" in error(experiment={"seeds": [0, 0]})
+    # Fine-tuning at 4x the baseline's context keeps its tokens per step: 2 rows cannot be split in 4.
+    msg = error(experiment={"methods": ["ft-pi"], "finetune": {"factor": 4}})
+    assert "experiment.finetune.factor=4 does not divide" in msg
 
 
 def test_method_grammar():
     m = parse_method("fot-knn+yarn:2")
     assert (m.model, m.retrieval, m.rope, m.factor) == ("fot", "knn", "yarn", 2.0)
     assert parse_method("baseline+llama3").rope == "llama3" and parse_method("baseline").rope is None
-    for bad in ("baseline-dense", "fot", "fot-dense+longrope", "baseline+linear:0.5", "baseline+ntk:x"):
+    assert (parse_method("ft-yarn").model, parse_method("fot-ft").retrieval) == ("ft-yarn", "dense")
+    assert parse_method("fot-ft").memory and not parse_method("ft-pi").memory
+    for bad in ("baseline-dense", "fot", "fot-dense+longrope", "baseline+linear:0.5", "baseline+ntk:x",
+                "ft-ntk", "fot-ft+yarn"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)
 
 
 def test_baseline_sees_a_pack_per_row_with_the_same_tokens_per_step(tmp_path):
     ef = load_experiment(write_config(tmp_path, train={"batch_size": 8, "pack_size": 4, "cross_batch_range": 3}))
-    fot_cfg, base, _ = passkey_retrieval.plan(ef, tmp_path / "out")
+    cfgs, _ = passkey_retrieval.plan(ef, tmp_path / "out")
+    fot_cfg, base = cfgs["fot"], cfgs["baseline"]
     k, w = fot_cfg.train.pack_size, fot_cfg.train.window
     assert base.train.window == k * w == 512 and base.model.max_position_embeddings == 512
     assert base.train.batch_size == fot_cfg.train.batch_size // k == 2

@@ -132,6 +132,12 @@ def build_passkey_prompt(tokenizer, target_tokens: int, depth: float, key: int) 
 DOC_FILLER_CHARS = 100
 
 
+def named_tail(window: int) -> int:
+    """Filler characters after the asked document: two windows (of bytes), so that the asked key,
+    like the others, is read into memory before the question."""
+    return 2 * window
+
+
 def sample_named_keys(rng: np.random.Generator, n: int) -> list[tuple[str, int]]:
     """n (name, key) pairs, names and keys all distinct; the last one is the asked pair."""
     names: dict[str, int] = {}
