@@ -212,7 +212,7 @@ def run_task(ef: ExperimentFile, out: Path, task_index: int = 0, num_tasks: int 
     return todo
 
 
-SEED_KEYS = ("train.seed", "data.seed")
+SEED_KEYS = ("train.seed", "data.seed")  # cells differing only in these are replicates: pooled
 
 
 def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict[str, Path]:

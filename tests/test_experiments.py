@@ -195,8 +195,8 @@ def test_finished_cells_are_skipped_and_gathered(tmp_path, monkeypatch):
     def fake_eval(cell, final, ef, progress):
         calls["eval"].append(cell.name)
         right = cell.overrides["memory.retrieval"] == "dense"
-        return "fake", {}, [{"method": cell.name, "length": n, "depth": 0.5, "correct": right}
-                            for n in ef.experiment.token_lengths()]
+        return "fake", {}, [{"method": cell.name, "length": n, "depth": 0.5, "correct": right,
+                             "seed": cell.config.train.seed} for n in ef.experiment.token_lengths()]
 
     monkeypatch.setattr(sweep, "ensure_trained", fake_train)
     monkeypatch.setattr(sweep, "evaluate_cell", fake_eval)
@@ -210,8 +210,12 @@ def test_finished_cells_are_skipped_and_gathered(tmp_path, monkeypatch):
     assert calls["train"][-1] == victim.config.train.run_dir
     paths = sweep.gather(ef, out)
     md = paths["md"].read_text()
-    assert "| train.cross_batch_range | train.seed | memory.retrieval | memory.knn_k | final loss | 256 | 512 | mean |" in md
-    assert "| 1 | 2 | knn | 16 | 1.5 | 0 | 0 | 0 |" in md and "| 0 | 0 | dense |  | 1.5 | 1 | 1 | 1 |" in md
+    # One row per cell without its seed (train.seed): the 3 seeds' trials pooled, Wilson 95%.
+    assert "| method | 256 | 512 |" in md
+    assert "| cross_batch_range=1, retrieval=knn, knn_k=16 | 0.00 [0.00, 0.56] 0/3 | 0.00 [0.00, 0.56] 0/3 |" in md
+    assert "| cross_batch_range=0, retrieval=dense | 1.00 [0.44, 1.00] 3/3 | 1.00 [0.44, 1.00] 3/3 |" in md
+    assert "| cross_batch_range=0, retrieval=dense | 256 | 1/1 | 1/1 | 1/1 |" in md  # per seed
+    assert "| train.cross_batch_range=1,train.seed=2,memory.retrieval=knn,memory.knn_k=16 | 1.5 |" in md
     data = json.loads(paths["json"].read_text())
     assert len(data["cells"]) == 12 and data["missing"] == []
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
@@ -238,6 +242,9 @@ def test_full_attention_greedy_until_wrong_matches_generate():
     assert gen.greedy_until_wrong(ids, greedy) == greedy  # all right: the whole answer
     wrong = greedy[:2] + [(greedy[2] + 1) % 259, 7, 7]
     assert gen.greedy_until_wrong(ids, wrong) == greedy[:3]  # up to and including the first miss
+    # follow: a whole right answer, then the token generate() emits after it
+    assert gen.greedy_until_wrong(ids, greedy[:4], follow=True) == greedy
+    assert gen.greedy_until_wrong(ids, wrong[:4], follow=True) == greedy[:3]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +270,8 @@ def test_passkey_retrieval_end_to_end(tmp_path, monkeypatch):
     assert by[("baseline+yarn", 512)]["rope_scaling"]["factor"] == 2.0
     assert by[("fot-dense+linear", 512)]["key"] == by[("baseline+yarn", 512)]["key"]  # the same trials
     md = (out / "results.md").read_text()
-    assert all(f"| {m} |" in md for m in methods) and "| method | 256 | 512 | trials/length |" in md
+    assert all(f"| {m} |" in md for m in methods) and "| method | 256 | 512 |" in md
+    assert "| fot-dense+linear | memory |" in md or "| fot-dense+linear | both |" in md  # where the key was
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
     # Finished runs are reused, not retrained.

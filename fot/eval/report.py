@@ -103,7 +103,9 @@ def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequen
     for name, (xs, ys) in series.items():
         if errors and name in errors:  # asymmetric (lower, upper) bounds, e.g. Wilson intervals
             lo, hi = errors[name]
-            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+            # max(0, .): the bounds are clipped to [0, 1], so they can miss y by a rounding error
+            ax.errorbar(xs, ys, yerr=[[max(0.0, y - a) for y, a in zip(ys, lo)],
+                                      [max(0.0, b - y) for y, b in zip(ys, hi)]],
                         marker="o", capsize=3, label=name)
         else:
             ax.plot(xs, ys, marker="o", label=name)
