@@ -14,6 +14,7 @@ a `ConfigError` naming the dotted key and the file.
       seeds: [0, 1, 2]            # training seeds (train.seed = data.seed); empty: the config's own
       finetune: {steps: 200, factor: 4, learning_rate: 3e-4, warmup_steps: 20}  # ft-* and fot-ft
       distractors: [0, 8, 64]     # the named-key multi-document task (empty: not run)
+      named_methods: [fot-dense]  # which methods run it (default: every method with memory)
     sweep:                        # experiments.sweep only
       axes: {train.cross_batch_range: [0, 1, 3]}  # or cells: [{key: value, ...}, ...]
 
@@ -55,6 +56,7 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = ()
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distractors: tuple[int, ...] = ()
+    named_methods: tuple[str, ...] = ()  # methods that also run the named-key task (empty: all with memory)
 
     def token_lengths(self) -> list[int]:
         from fot.eval.report import parse_length

@@ -111,6 +111,10 @@ def plan(ef: ExperimentFile, out: Path, seed: int | None = None) -> tuple[dict[s
         if methods[-1].memory and not cfg.memory.layers:
             raise ConfigError(f"{where}: experiment.methods[{i}] = {spec!r} asks for memory retrieval, but "
                               f"the model has no memory layers (memory.layers is empty)")
+    for i, spec in enumerate(ef.experiment.named_methods):
+        if spec not in specs or not parse_method(spec).memory:
+            raise ConfigError(f"{where}: experiment.named_methods[{i}] = {spec!r} is not a method with memory "
+                              f"of experiment.methods")
     if any(m.memory for m in methods):
         check_capacity(cfg, ef.experiment.token_lengths(), where)
         if ef.experiment.distractors:
@@ -166,13 +170,15 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
         return {}
     models = {name: load_model(meta["training"][name]["final"]) for name in wanted}
     fot_cfg = cfgs["fot"]
+    specs = [m.spec for m in methods]
     window = fot_cfg.train.window or fot_cfg.model.max_position_embeddings
     trials: list[dict] = []
     paths: dict[str, Path] = {}
     for i, m in enumerate(methods, 1):
         print(f"== [{i}/{len(methods)}] {m.spec}", flush=True)
         got, info = evaluate(m, models[m.model], lengths, window=window, pack_size=fot_cfg.train.pack_size,
-                             trials=ex.trials, depths=ex.depths, seed=ex.seed, distractors=ex.distractors,
+                             trials=ex.trials, depths=ex.depths, seed=ex.seed,
+                             distractors=ex.distractors if m.spec in (ex.named_methods or specs) else (),
                              training_seed=seed, progress=progress)
         trials += got
         meta["methods"][m.spec] = info
