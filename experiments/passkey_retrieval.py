@@ -31,7 +31,7 @@ from fot.config import Config, ConfigError, apply_overrides, config_from_dict
 from experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
 from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method
 from experiments.provenance import run_meta
-from experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
+from experiments.training import EVAL_ONLY, Interrupted, check_documents, check_same_run, ensure_trained
 
 
 def baseline_config(cfg: Config, overrides: tuple[str, ...] = (), where: str = "<baseline>") -> Config:
@@ -168,7 +168,10 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
         meta["training"][name] = ensure_trained(cfgs[name], progress)
     if train_only is not None:
         return {}
-    models = {name: load_model(meta["training"][name]["final"]) for name in wanted}
+    # Inference-time memory settings (capacity, last_context_length, ...) come from the experiment
+    # config, not from the checkpoint: they never change the trained weights.
+    evals = {k: getattr(cfgs["fot"].memory, k.split(".", 1)[1]) for k in EVAL_ONLY}
+    models = {name: load_model(meta["training"][name]["final"], **evals) for name in wanted}
     fot_cfg = cfgs["fot"]
     specs = [m.spec for m in methods]
     window = fot_cfg.train.window or fot_cfg.model.max_position_embeddings

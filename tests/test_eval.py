@@ -307,3 +307,19 @@ def test_cli_smoke_and_errors(tmp_path):
     assert bad.returncode == 1 and "no memory layers" in bad.stderr
     bad = cli("plain", "--memory", "off", "--lengths", "200")
     assert bad.returncode == 1 and "at least 248 tokens" in bad.stderr
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_batched_trials_equal_one_at_a_time(memory):
+    """run_passkey decodes the trials of one length as one batch; each row must get what it gets alone
+    (WithMemory: FotModel.generate on one prompt; FullAttention: greedy_until_wrong)."""
+    model = tiny_model(memory_layers=[1] if memory else [], max_pos=128, scale=5.0)
+    gen = passkey.WithMemory(model) if memory else passkey.FullAttention(model)
+    batched = passkey.run_passkey(gen, [300, 400], 3, "uniform", 0, "m", progress=False, until_wrong=True)
+    single = []
+    for t in batched:
+        p = passkey.prompts.build_passkey_prompt(gen.tokenizer, t["length"], t["depth"], t["key"])
+        single.append(new := (passkey.new_tokens(model.generate(np.asarray(p.ids)[None], len(p.answer_ids) + 1))
+                              if memory else gen.greedy_until_wrong(p.ids, p.answer_ids, follow=True)))
+        assert t["generated_ids"] == new, t
+    assert len({tuple(s) for s in single}) > 1  # the outputs depend on the prompt

@@ -121,31 +121,48 @@ def key_place(span: tuple[int, int], memory_tokens: int | None) -> str | None:
     return "memory" if end <= memory_tokens else "local" if start >= memory_tokens else "both"
 
 
-def run_trial(model: Generator, p: prompts.PasskeyPrompt, until_wrong: bool = False) -> dict:
-    """One greedy trial: the answer's tokens and the one after them. `correct` is the exact match of
-    the answer's tokens (the reference's score); `overgenerated` marks a correct answer followed by
-    another digit (the model did not know where the key ends). `key_in`: see key_place."""
-    tok = model.tokenizer
+def _record(tok, p: prompts.PasskeyPrompt, out: list[int], memory_tokens: int | None) -> dict:
     n = len(p.answer_ids)
-    if until_wrong and hasattr(model, "greedy_until_wrong"):
-        out = model.greedy_until_wrong(p.ids, p.answer_ids, follow=True)
-    else:
-        out = new_tokens(model.generate(p.ids, max_new_tokens=n + 1, temperature=0.0))
     correct = score(out[:n], p.answer_ids)
     after = tok.decode(out[n:n + 1]) if correct and len(out) > n else None
-    memory_tokens = getattr(model, "memory_tokens", lambda _: None)(len(p.ids))
     return {"prompt_tokens": len(p.ids), "answer": p.answer, "answer_ids": list(map(int, p.answer_ids)),
             "generated_ids": out[:n + 1], "generated": tok.decode(out[:n]), "after": after,
             "correct": correct, "overgenerated": bool(after and after.strip()[:1].isdigit()),
             "key_span": list(p.key_span), "key_in": key_place(p.key_span, memory_tokens)}
 
 
+def run_trials(model: Generator, ps: Sequence[prompts.PasskeyPrompt], until_wrong: bool = False) -> list[dict]:
+    """Greedy trials: the answer's tokens and the one after them. `correct` is the exact match of the
+    answer's tokens (the reference's score); `overgenerated` marks a correct answer followed by
+    another digit (the model did not know where the key ends); `key_in`: see key_place. Prompts of
+    one length go to a generator with `generate_batch` as one batch (every row decoded greedily on
+    its own, as if alone)."""
+    tok = model.tokenizer
+    memory_tokens = getattr(model, "memory_tokens", lambda _: None)
+    if hasattr(model, "generate_batch"):
+        outs: list[list[int] | None] = [None] * len(ps)
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(ps):
+            by_len.setdefault(len(p.ids), []).append(i)
+        for idx in by_len.values():
+            got = model.generate_batch([ps[i].ids for i in idx], [ps[i].answer_ids for i in idx], until_wrong)
+            for i, o in zip(idx, got):
+                outs[i] = o
+    elif until_wrong and hasattr(model, "greedy_until_wrong"):
+        outs = [model.greedy_until_wrong(p.ids, p.answer_ids, follow=True) for p in ps]
+    else:
+        outs = [new_tokens(model.generate(p.ids, max_new_tokens=len(p.answer_ids) + 1, temperature=0.0))
+                for p in ps]
+    return [_record(tok, p, o, memory_tokens(len(p.ids))) for p, o in zip(ps, outs)]
+
+
 def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
                 depths: str | Sequence[float] = "uniform", seed: int = 0, method: str = "model",
                 progress: bool = True, until_wrong: bool = False) -> list[dict]:
-    """Every trial as a dict: method, length, trial, depth, key and run_trial's record. `until_wrong`:
+    """Every trial as a dict: method, length, trial, depth, key and run_trials' record. `until_wrong`:
     a generator with `greedy_until_wrong` (the FullAttention baseline) gets the same verdict from one
-    forward instead of one per answer token, and its generated_ids end at the first wrong token."""
+    forward instead of one per answer token, and its generated_ids end at the first wrong token.
+    The trials of one length run as one batch where the generator has `generate_batch`."""
     from tqdm.auto import tqdm
 
     tok = model.tokenizer
@@ -154,12 +171,16 @@ def run_passkey(model: Generator, lengths: Sequence[int], trials: int = 10,
     check_lengths(tok, lengths)
     plan = plan_trials(lengths, trials, depths, seed)
     results, hits = [], 0
-    bar = tqdm(plan, desc=f"passkey {method}", disable=not progress, unit="trial")
-    for t in bar:
-        p = prompts.build_passkey_prompt(tok, t["length"], t["depth"], t["key"])
-        results.append({"method": method, "task": "passkey", **t, **run_trial(model, p, until_wrong)})
-        hits += results[-1]["correct"]
-        bar.set_postfix(length=t["length"], acc=f"{hits / len(results):.2f}")
+    bar = tqdm(total=len(plan), desc=f"passkey {method}", disable=not progress, unit="trial")
+    for length in dict.fromkeys(t["length"] for t in plan):
+        mine = [t for t in plan if t["length"] == length]
+        ps = [prompts.build_passkey_prompt(tok, t["length"], t["depth"], t["key"]) for t in mine]
+        for t, rec in zip(mine, run_trials(model, ps, until_wrong)):
+            results.append({"method": method, "task": "passkey", **t, **rec})
+            hits += rec["correct"]
+        bar.update(len(mine))
+        bar.set_postfix(length=length, acc=f"{hits / len(results):.2f}")
+    bar.close()
     return results
 
 
@@ -180,7 +201,7 @@ def run_multidoc(model: Generator, distractors: Sequence[int], trials: int, seed
     for d, j in bar:
         docs = prompts.sample_named_keys(np.random.default_rng([seed, d, j]), d + 1)
         p = prompts.build_multidoc_prompt(tok, docs, tail_chars)
-        rec = run_trial(model, p, until_wrong)
+        (rec,) = run_trials(model, [p], until_wrong)
         results.append({"method": method, "task": "named", "distractors": int(d), "trial": j,
                         "length": rec["prompt_tokens"], "depth": p.depth, "key": docs[-1][1],
                         "name": docs[-1][0], "distractor_keys": [k for _, k in docs[:-1]], **rec})
@@ -225,6 +246,29 @@ class FullAttention:
                 buf[0, n + i] = out[-1]
         return out
 
+    def generate_batch(self, prompts_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                       until_wrong: bool = True) -> list[list[int]]:
+        """greedy_until_wrong(follow=True) of equally long prompts in one forward: each row is
+        teacher-forced with its own answer, padded after it (causal: padding is never seen)."""
+        if not until_wrong:
+            return [self.generate(p, len(a) + 1) for p, a in zip(prompts_ids, answers)]
+        n = len(prompts_ids[0])
+        width = max(len(a) for a in answers) + 1
+        buf = np.full((len(prompts_ids), n + width - 1), self.model.tokenizer.pad_id, np.int32)
+        for r, (p, a) in enumerate(zip(prompts_ids, answers)):
+            buf[r, :n] = p
+            buf[r, n:n + len(a)] = a
+        picks = np.argmax(np.asarray(self.model.logits(buf)[:, n - 1:]), axis=-1)
+        outs = []
+        for r, a in enumerate(answers):
+            out = []
+            for i, pick in enumerate(picks[r, :len(a) + 1]):
+                out.append(int(pick))
+                if i < len(a) and out[-1] != int(a[i]):
+                    break
+            outs.append(out)
+        return outs
+
     def greedy_until_wrong(self, prompt_ids, answer_ids: Sequence[int], follow: bool = False) -> list[int]:
         """generate()'s tokens up to and including the first one that differs from answer_ids, from
         ONE forward over prompt + answer (teacher forcing): while the greedy tokens equal the answer,
@@ -255,6 +299,14 @@ class WithMemory:
                              "(memory.layers is empty); use memory off for a plain model")
         self.model, self.window, self.last_context_length = model, window, last_context_length
         self.tokenizer = model.tokenizer
+
+    def generate_batch(self, prompts_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                       until_wrong: bool = True) -> list[list[int]]:
+        """Greedy decoding of equally long prompts as one batch (one memory per row): each row gets
+        its answer's length + 1 tokens."""
+        out = np.asarray(self.model.generate(np.asarray(prompts_ids), max(len(a) for a in answers) + 1,
+                                             window=self.window, last_context_length=self.last_context_length))
+        return [[int(t) for t in row[:len(a) + 1]] for row, a in zip(out, answers)]
 
     def memory_tokens(self, n_prompt: int) -> int:
         """How many of a fresh prompt's tokens go into the memory (the rest: the local context)."""
