@@ -194,6 +194,8 @@ def test_config_rejects_bad_sources():
         cfg_for([{"path": "builtin:stdlib", "weight": 0}])
     with pytest.raises(ConfigError, match="max_chars"):
         cfg_for([{"path": "builtin:passkey", "min_chars": 500, "max_chars": 100}])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].named must be in \[0, 1\], got 1.5"):
+        cfg_for([{"path": "builtin:passkey", "named": 1.5}])
     with pytest.raises(ConfigError, match=r"data.sources\[0\].key_digits must be in 1..18, got 0"):
         cfg_for([{"path": "builtin:passkey", "key_digits": 0}])
 
@@ -429,6 +431,23 @@ def test_passkey_key_digits_uniform_lengths():
     corpus = PasskeyCorpus(0, 100, 125, mixed_filler=0.0, intro=False, key_digits=2)
     keys = {int(corpus[i].rsplit(" ", 1)[1].rstrip(".")) for i in range(200)}
     assert keys <= set(range(1, 100)) and len(keys) > 50
+
+
+def test_passkey_named_documents():
+    """named=1: every document names its key in the key line and the question, with the answer
+    last; named=0.5: about half of them; the key and name of one document agree everywhere."""
+    import re
+
+    corpus = PasskeyCorpus(3, 100, 170, mixed_filler=0.0, intro=False, key_digits=6, named=1.0)
+    for i in range(50):
+        m = re.fullmatch(r"(?s).*The pass key of ([A-Z]{3}) is (\d+)\. Remember it\. \2 is the pass key of \1\."
+                         r".*\nWhat is the pass key of \1\? The pass key of \1 is \2\.", corpus[i])
+        assert m, corpus[i]
+    half = PasskeyCorpus(3, 100, 170, mixed_filler=0.0, intro=False, named=0.5)
+    named = sum("The pass key of " in half[i] for i in range(400))
+    assert 160 <= named <= 240
+    plain = PasskeyCorpus(3, 100, 170, mixed_filler=0.0, intro=False)
+    assert all(re.search(r"\nWhat is the pass key\? The pass key is \d+\.$", plain[i]) for i in range(50))
 
 
 def test_build_passkey_prompt_byte_tokenizer():
