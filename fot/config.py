@@ -8,6 +8,7 @@ the dotted key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import re
 import types
@@ -34,6 +35,21 @@ class HashableDict(dict):
 
     def __hash__(self) -> int:
         return hash(json.dumps(self, sort_keys=True, default=str))
+
+
+def check_range(where: str, section: str, obj: Any, positive: tuple[str, ...] = (),
+                nonnegative: tuple[str, ...] = (), beta: tuple[str, ...] = (),
+                ratio: tuple[str, ...] = ()) -> None:
+    """Each named number of obj must be finite and > 0 (positive), >= 0 (nonnegative), in [0, 1)
+    (beta: Adam's decay rates) or in [0, 1] (ratio); the error names the key."""
+    rules = [(n, "positive", lambda v: v > 0) for n in positive] + \
+            [(n, ">= 0", lambda v: v >= 0) for n in nonnegative] + \
+            [(n, "in [0, 1)", lambda v: 0 <= v < 1) for n in beta] + \
+            [(n, "in [0, 1]", lambda v: 0 <= v <= 1) for n in ratio]
+    for name, what, ok in rules:
+        value = getattr(obj, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{where}: {section}.{name} must be a finite number {what}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,8 @@ class ModelConfig:
             raise ConfigError(
                 f"{where}: model.num_key_value_heads={self.kv_heads} does not divide "
                 f"model.num_attention_heads={self.num_attention_heads}")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError(f"{where}: model.rms_norm_eps and model.rope_theta must be positive")
+        check_range(where, "model", self, positive=("rms_norm_eps", "rope_theta", "initializer_range",
+                                                    "blockwise_threshold"))
         if self.rope_scaling is not None:
             from fot.model.rope import validate_rope_scaling
 
@@ -234,6 +250,10 @@ class TrainConfig:
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: train.{name} must be positive, got {getattr(self, name)}")
+        check_range(where, "train", self, positive=("learning_rate", "eps", "clip_norm"),
+                    nonnegative=("warmup_steps", "weight_decay"), beta=("b1", "b2"), ratio=("min_lr_ratio",))
+        if self.window is not None and self.window <= 0:
+            raise ConfigError(f"{where}: train.window must be positive, got {self.window}")
         if self.cross_batch_range < 0:
             raise ConfigError(f"{where}: train.cross_batch_range must be >= 0")
         if self.batch_size % self.pack_size:

@@ -61,6 +61,20 @@ def test_bad_yaml_names_key_and_file(tmp_path, text, key):
     assert str(path) in str(e.value) and key in str(e.value)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("train.learning_rate", ".nan"), ("train.learning_rate", -1), ("train.learning_rate", 0),
+    ("train.clip_norm", -1), ("train.warmup_steps", -5), ("train.b2", 1.5), ("train.b1", 1.0),
+    ("train.eps", 0), ("train.weight_decay", -0.1), ("train.min_lr_ratio", 2), ("train.window", 0),
+    ("model.rms_norm_eps", 0), ("model.rope_theta", ".inf"), ("model.initializer_range", -0.02),
+])
+def test_impossible_hyperparameters_name_the_key_and_file(tmp_path, key, value):
+    section, name = key.split(".")
+    path = _write(tmp_path, f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and f"{key} must be" in str(e.value)
+
+
 def test_overrides(tmp_path):
     cfg = load_config(CONFIGS / "tiny_model.yaml", ["model.hidden_size=128", "memory.layers=[1]",
                                                     "model.rope_scaling={rope_type: linear, factor: 2.0}"])
