@@ -250,8 +250,8 @@ class TrainConfig:
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: train.{name} must be positive, got {getattr(self, name)}")
-        check_range(where, "train", self, positive=("learning_rate", "eps", "clip_norm"),
-                    nonnegative=("warmup_steps", "weight_decay"), beta=("b1", "b2"), ratio=("min_lr_ratio",))
+        check_range(where, "train", self, positive=("learning_rate", "eps"),
+                    nonnegative=("warmup_steps", "weight_decay", "clip_norm"), beta=("b1", "b2"), ratio=("min_lr_ratio",))
         if self.window is not None and self.window <= 0:
             raise ConfigError(f"{where}: train.window must be positive, got {self.window}")
         if self.cross_batch_range < 0:
