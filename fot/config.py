@@ -237,7 +237,7 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.01
-    clip_norm: float = 1.0
+    clip_norm: float = 1.0  # 0: no clipping
     init_from: str | None = None  # HF dir/hub name or fot checkpoint; None = random init
     seed: int = 0
     run_dir: str = "runs/default"
@@ -251,7 +251,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: train.{name} must be positive, got {getattr(self, name)}")
         check_range(where, "train", self, positive=("learning_rate", "eps"),
-                    nonnegative=("warmup_steps", "weight_decay", "clip_norm"), beta=("b1", "b2"), ratio=("min_lr_ratio",))
+                    nonnegative=("warmup_steps", "weight_decay", "clip_norm"), beta=("b1", "b2"),
+                    ratio=("min_lr_ratio",))
         if self.window is not None and self.window <= 0:
             raise ConfigError(f"{where}: train.window must be positive, got {self.window}")
         if self.cross_batch_range < 0:
