@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fot.config import Config, ModelConfig
+from fot.model.crossbatch import extra_contexts
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -53,16 +54,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, memory_layers: int = 0,
 
 def crossbatch_contexts(batch_size: int, pack_size: int, cross_batch_range: int,
                         stepping: bool) -> float:
-    """Mean number of OTHER batch rows a row reads in a memory layer (fot/model/crossbatch.py: row i of a pack
-    sees min(i*step + 1, R + 1) contexts with stepping, R + 1 without, counting itself, and global
-    row b never more than b + 1)."""
-    r = cross_batch_range
-    step = math.ceil((r + 1) / max(pack_size - 1, 1))
-    total = 0
-    for b in range(batch_size):
-        seen = min(b % pack_size * step + 1, r + 1) if stepping else r + 1
-        total += min(seen, b + 1) - 1
-    return total / batch_size
+    """Mean number of OTHER batch rows a row reads in a memory layer: the model's own rule,
+    fot.model.crossbatch.extra_contexts."""
+    return float(extra_contexts(batch_size, pack_size, cross_batch_range, stepping).mean())
 
 
 def train_flops_per_token(config: Config) -> float:

@@ -304,6 +304,42 @@ def test_flops_match_a_hand_count():
     assert F.flops_per_token(TINY, 4, memory_layers=1, memory_keys=8, training=False) == 2976
 
 
+def test_flop_count_reads_the_rows_the_model_reads():
+    """For every (pack_size, range, stepping) of a grid, pack_size 1 included: the FLOP count's mean
+    crossbatch rows equal the rows the model's visibility mask opens (crossbatch_memory), and the
+    definition written out here (n(b) = min(i * step + 1, R + 1) with stepping and k > 1, R + 1
+    otherwise, never more than b + 1)."""
+    import jax.numpy as jnp
+
+    from fot.model.crossbatch import crossbatch_memory
+
+    class Ctx:  # what crossbatch_memory reads of the layer context
+        segments = None
+        inv_freq, attention_factor = np.ones(1, np.float32), 1.0
+
+    class Module:
+        class mem:
+            positionals, gate = False, False
+
+    b, t = 8, 2
+    for k in (1, 2, 3, 4, 8):
+        for r in (0, 1, 2, 3, 5):
+            for stepping in (True, False):
+                step = -(-(r + 1) // max(k - 1, 1))
+                want = [min(min(i % k * step + 1, r + 1) if stepping and k > 1 else r + 1, i + 1) - 1
+                        for i in range(b)]
+                assert F.crossbatch_contexts(b, k, r, stepping) == sum(want) / b, (k, r, stepping)
+                if r == 0:
+                    continue
+                Ctx.q_pos = jnp.zeros((b, t), jnp.int32)
+                fn = crossbatch_memory(Module, Ctx, r, k, stepping)
+                q = jnp.zeros((b, t, 1, 2))
+                # Values = 1 in every key: the partial's normaliser counts the visible keys per row.
+                (part,), _ = fn(0, q, jnp.zeros((b, t, 1, 2)), jnp.ones((b, t, 1, 2)))
+                seen = np.where(np.asarray(part.m)[:, 0, 0] > -1e29, np.asarray(part.l)[:, 0, 0], 0.0)
+                np.testing.assert_allclose(seen, np.asarray(want) * t, err_msg=str((k, r, stepping)))
+
+
 def test_crossbatch_contexts_hand_count():
     # B=8, k=4, R=3, step=ceil(4/3)=2: rows see 0,1,2,3 | 0,2,3,3 other rows (capped by b)
     assert F.crossbatch_contexts(8, 4, 3, stepping=True) == 14 / 8
