@@ -3,12 +3,26 @@ TensorFlow at runtime) and a tqdm progress bar with ETA and the current loss."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm.auto import tqdm
+
+
+def keep_steps_up_to(path: str | Path, step: int) -> None:
+    """Drop the records of steps after `step` from a metrics.jsonl (atomically): a run resumed from
+    a checkpoint at `step` logs the later steps again, so each step stays in the file once."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 class TensorBoard:

@@ -62,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
 from fot.config import Config, ConfigError, load_config, save_config
-from fot.metrics import TensorBoard, progress_bar
+from fot.metrics import TensorBoard, keep_steps_up_to, progress_bar
 from fot.model.crossbatch import crossbatch_memory
 from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
@@ -453,6 +453,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     fpt = flops.train_flops_per_token(cfg)
     peak, n_peak, peak_src = flops.system_peak_flops(mesh.devices.flat)
     tb = TensorBoard(run_dir) if lead else None
+    if lead:
+        keep_steps_up_to(run_dir / "metrics.jsonl", start)
     log = open(run_dir / "metrics.jsonl", "a") if lead else None
     bar = progress_bar(start, tr.steps, disable=not (progress and lead))
 

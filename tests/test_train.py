@@ -82,15 +82,16 @@ def test_resume_after_sigkill_gives_the_same_losses(full_run, tmp_path, capsys):
     finally:
         if proc.poll() is None:
             proc.kill()
-    before = len((run / "metrics.jsonl").read_text().splitlines())
     capsys.readouterr()
     assert main([str(cfg), f"train.run_dir={run}", f"train.steps={FULL}", "--no-progress"]) == 0
     start = int(capsys.readouterr().out.split("(step ")[1].split(")")[0])
     assert 2 <= start < FULL
-    after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[before:]]
+    # Every step once (the killed run's steps after the checkpoint were dropped and logged again),
+    # with exactly the uninterrupted run's losses.
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     want = losses(full_run)
-    assert [m["step"] for m in after] == list(range(start + 1, FULL + 1))
-    for m in after:  # exactly the uninterrupted run's losses
+    assert [m["step"] for m in logged] == list(range(1, FULL + 1))
+    for m in logged:
         assert m["loss"] == want[m["step"]], (m["step"], m["loss"], want[m["step"]])
 
 
@@ -203,3 +204,14 @@ def test_large_configs_fail_offline_naming_what_is_missing(config, capsys, tmp_p
     for key in ("weights: train.init_from", "dataset: data.sources[0].path", "data.tokenizer"):
         assert key in err, key
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_metrics_keep_steps_up_to(tmp_path):
+    from fot.metrics import keep_steps_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4, 3, 4, 5)))
+    keep_steps_up_to(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    keep_steps_up_to(tmp_path / "missing.jsonl", 2)  # nothing to do
+    assert not (tmp_path / "missing.jsonl").exists()
