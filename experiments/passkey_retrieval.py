@@ -1,22 +1,25 @@
 """FoT vs RoPE-scaling baselines on passkey retrieval, from one config:
 
-    python -m experiments.passkey_retrieval configs/experiments/passkey_tiny.yaml [key=value ...] [--out DIR]
+    python -m experiments.passkey_retrieval CONFIG [key=value ...] [--seed S] [--train-only M,...]
+        [--gather] [--out DIR]
 
-Trains (or reuses, when finished) two models with the same architecture, data and token budget:
-  - FoT: the config as written (memory layers, crossbatch), in OUT/runs/fot;
-  - the baseline, in OUT/runs/baseline: no memory layers and no crossbatch, full attention over the
-    context FoT sees per document per step: window = pack_size x FoT window, batch rows = FoT rows /
-    pack_size, pack_size 1 (same tokens per step, same steps); max_position_embeddings = its window,
-    so RoPE scaling factors are (eval length / baseline training context). experiment.baseline_overrides
-    apply on top.
-Then evaluates every method of experiment.methods (grammar in experiments/methods.py; default: FoT
-dense and knn memory, FoT dense + linear / yarn over a pack-sized local window, and the baseline with
-none / linear / ntk / dynamic / yarn / llama3 scaling) on passkey retrieval at experiment.lengths.
+Trains (or reuses, when finished) the models the methods need, per training seed of
+experiment.seeds (train.seed = data.seed = S, into OUT/seeds/S/; `--seed S` runs one):
+  - fot: the config as written (memory layers, crossbatch), in runs/fot;
+  - baseline: no memory layers and no crossbatch, full attention over the context FoT sees per
+    document per step: window = pack_size x FoT window, batch rows = FoT rows / pack_size (same
+    tokens per step, same steps, same data); experiment.baseline_overrides apply on top;
+  - ft-pi, ft-yarn: the baseline continued at experiment.finetune.factor x its context with PI /
+    YaRN; fot-ft: FoT continued for the same steps and tokens.
+Then evaluates every method of experiment.methods (grammar in experiments/methods.py) on passkey
+retrieval at experiment.lengths and, for the methods with memory (or experiment.named_methods), the
+named-key multi-document task at experiment.distractors. docs/experiments.md has the details.
 
-Writes OUT (default experiments/results/<experiment.name>/): results.json (every trial, the command,
-config file and overrides, both resolved configs, training summaries, machine, date, git commit),
-results.md (method x length accuracy), accuracy.png (accuracy vs length per method) and a length x
-depth heatmap per method. The report is rewritten after each method, so a long run shows its progress.
+Writes OUT (default experiments/results/<experiment.name>/, or OUT/seeds/S): results.json (every
+trial, the command, the resolved configs, training summaries, machine, date, git commit), results.md
+(accuracy with Wilson 95% intervals, by where the key was, over-generation, per seed, named task),
+accuracy.png, named.png and a length x depth heatmap per method; rewritten after each method, so a
+long run shows its progress. `--gather` pools the finished seeds into OUT.
 """
 
 from __future__ import annotations
