@@ -88,7 +88,7 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
     for gen, ns in runs:
         rope = gen.model.config.model.rope_scaling
         got = passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True)
-        if method.memory and distractors and ns == runs[-1][1]:
+        if method.memory and distractors:  # one run (all lengths) per memory method
             got += passkey.run_multidoc(gen, distractors, trials, seed, passkey.prompts.named_tail(window), method.spec,
                                         progress)
         out += [{**t, "window": win, "rope_scaling": dict(rope) if rope else None, "seed": training_seed}

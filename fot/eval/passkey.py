@@ -248,7 +248,8 @@ class FullAttention:
 
     def generate_batch(self, prompts_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                        until_wrong: bool = True) -> list[list[int]]:
-        """greedy_until_wrong(follow=True) of equally long prompts in one forward: each row is
+        """Greedy answers + the token after them (stopping at the first wrong one) of equally long
+        prompts in one forward: each row is
         teacher-forced with its own answer, padded after it (causal: padding is never seen)."""
         if not until_wrong:
             return [self.generate(p, len(a) + 1) for p, a in zip(prompts_ids, answers)]
@@ -275,17 +276,8 @@ class FullAttention:
         generate() feeds the very same buffer, so every logit up to the first mismatch is the same.
         What follows a wrong token is not computed: the trial is wrong either way. `follow`: after a
         whole correct answer, also the token generate() would emit next."""
-        answer = [int(t) for t in answer_ids]
-        fed = answer if follow else answer[:-1]
-        buf, n = self._buffer(prompt_ids, len(fed) + 1)
-        buf[0, n:] = fed
-        picks = np.argmax(np.asarray(self.model.logits(buf)[0, n - 1:]), axis=-1)
-        out = []
-        for i, pick in enumerate(picks):
-            out.append(int(pick))
-            if i < len(answer) and out[-1] != answer[i]:
-                break
-        return out
+        out = self.generate_batch([prompt_ids], [answer_ids])[0]
+        return out if follow else out[:len(answer_ids)]
 
 
 class WithMemory:
