@@ -249,8 +249,8 @@ class FullAttention:
     def generate_batch(self, prompts_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                        until_wrong: bool = True) -> list[list[int]]:
         """Greedy answers + the token after them (stopping at the first wrong one) of equally long
-        prompts in one forward: each row is
-        teacher-forced with its own answer, padded after it (causal: padding is never seen)."""
+        prompts in one forward: each row is teacher-forced with its own answer, padded after it
+        (causal: padding is never seen)."""
         if not until_wrong:
             return [self.generate(p, len(a) + 1) for p, a in zip(prompts_ids, answers)]
         n = len(prompts_ids[0])
