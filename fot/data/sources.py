@@ -28,6 +28,7 @@ import numpy as np
 
 from fot.config import SourceConfig
 from fot.data.builtin import PasskeyCorpus, StdlibCorpus
+from fot.data.tasks import TaskCorpus, TaskError
 
 
 class DataError(ValueError):
@@ -37,6 +38,7 @@ class DataError(ValueError):
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
              ".csv": "csv"}
 WINDOW_CHECK = 1000  # a document stream must give a window-long document among its first N reads
+TASK_PREFIX = "builtin:task:"  # builtin:task:vt:hops=2 = fot.data.tasks.TaskCorpus("vt:hops=2")
 
 
 def describe(cfg: SourceConfig) -> str:
@@ -143,8 +145,15 @@ def open_source(cfg: SourceConfig, seed: int, where: str = "data.sources") -> So
     if cfg.path == "builtin:passkey":
         return Source(label, PasskeyCorpus(seed, cfg.min_chars, cfg.max_chars, cfg.mixed_filler,
                                                   cfg.intro, cfg.key_digits, cfg.named), None, seed)
+    if cfg.path.startswith(TASK_PREFIX):
+        try:
+            return Source(label, TaskCorpus(cfg.path[len(TASK_PREFIX):], seed, cfg.min_chars, cfg.max_chars),
+                          None, seed)
+        except TaskError as e:
+            raise DataError(f"{label}: {e}") from None
     if cfg.path.startswith("builtin:"):
-        raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey)")
+        raise DataError(f"{label}: unknown built-in source (builtin:stdlib, builtin:passkey, "
+                        f"{TASK_PREFIX}NAME[:OPTION=VALUE...] with a task of fot.data.tasks)")
 
     import datasets
 

@@ -228,23 +228,23 @@ class FullAttention:
         self.model = model
         self.tokenizer = model.tokenizer
 
-    def _buffer(self, prompt_ids, max_new_tokens: int) -> tuple[np.ndarray, int]:
-        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
-        buf = np.full((1, len(ids) + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
-        buf[0, :len(ids)] = ids
-        return buf, len(ids)
+    def greedy(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens of equally long prompts decoded as one batch (each row as if alone)."""
+        rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts_ids]
+        n = len(rows[0])
+        buf = np.full((len(rows), n + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
+        buf[:, :n] = rows
+        out = np.zeros((len(rows), max_new_tokens), np.int64)
+        for i in range(max_new_tokens):
+            out[:, i] = np.argmax(np.asarray(self.model.logits(buf)[:, n - 1 + i]), axis=-1)
+            if i + 1 < max_new_tokens:
+                buf[:, n + i] = out[:, i]
+        return out.tolist()
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **_) -> list[int]:
         if temperature != 0.0:
             raise ValueError("FullAttention decodes greedily (temperature 0)")
-        buf, n = self._buffer(prompt_ids, max_new_tokens)
-        out = []
-        for i in range(max_new_tokens):
-            logits = self.model.logits(buf)[0, n - 1 + i]
-            out.append(int(np.argmax(np.asarray(logits))))
-            if i + 1 < max_new_tokens:
-                buf[0, n + i] = out[-1]
-        return out
+        return self.greedy([prompt_ids], max_new_tokens)[0]
 
     def generate_batch(self, prompts_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                        until_wrong: bool = True) -> list[list[int]]:
@@ -296,9 +296,14 @@ class WithMemory:
                        until_wrong: bool = True) -> list[list[int]]:
         """Greedy decoding of equally long prompts as one batch (one memory per row): each row gets
         its answer's length + 1 tokens."""
-        out = np.asarray(self.model.generate(np.asarray(prompts_ids), max(len(a) for a in answers) + 1,
-                                             window=self.window, last_context_length=self.last_context_length))
-        return [[int(t) for t in row[:len(a) + 1]] for row, a in zip(out, answers)]
+        out = self.greedy(prompts_ids, max(len(a) for a in answers) + 1)
+        return [row[:len(a) + 1] for row, a in zip(out, answers)]
+
+    def greedy(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens of equally long prompts decoded as one batch (one memory per row)."""
+        out = self.model.generate(np.asarray(prompts_ids), max_new_tokens, window=self.window,
+                                  last_context_length=self.last_context_length)
+        return np.asarray(out).tolist()
 
     def memory_tokens(self, n_prompt: int) -> int:
         """How many of a fresh prompt's tokens go into the memory (the rest: the local context)."""
@@ -454,16 +459,17 @@ def load_for_eval(args, max_length: int):
     return gen, args.method_name or name
 
 
-def write_outputs(out, trials: list[dict], meta: dict, method: str, name: str) -> dict:
-    """The report over this run's trials plus those of other methods already in out/results.json
-    (each method's command, machine and date kept under "runs")."""
+def write_outputs(out, trials: list[dict], meta: dict, method: str, name: str,
+                  writer=report.write_accuracy_report) -> dict:
+    """The report (`writer`) over this run's trials plus those of other methods already in
+    out/results.json (each method's command, machine and date kept under "runs")."""
     from pathlib import Path
 
     path = Path(out) / "results.json"
     old = report.read_json(path) if path.is_file() else {}
     trials = [t for t in old.get("trials", []) if t.get("method") != method] + trials
     runs = {**old.get("runs", {}), method: meta}
-    return report.write_accuracy_report(out, trials, {"eval": name, "runs": runs}, name=name)
+    return writer(out, trials, {"eval": name, "runs": runs}, name=name)
 
 
 def main(argv: list[str] | None = None) -> int:
