@@ -185,26 +185,28 @@ def fit(tokenizer, target: int, make: Callable[[int, str], str], min_size: int, 
                         f"tokens with this tokenizer)")
     t_min = len(ids)
     lo, t_lo, hi, t_hi, best = min_size, t_min, None, None, (min_size, text, ids)
-    step = 0
+    sides = ""  # which end of the bracket each step moved ("l"/"h")
     while t_lo < target and (hi is None or hi - lo > 1):
-        if hi is None:  # extrapolate the sizes per token seen so far, 5% beyond, to overshoot soon
+        if hi is None:  # extrapolate the sizes per token seen so far, 2% beyond, to overshoot soon
             rate = (lo - min_size) / (t_lo - t_min) if t_lo > t_min else 1.0
-            x = lo + max(int((target - t_lo) * rate * 1.05) + 1, 1)
-        elif step % 2:  # interpolate, alternating with bisection so that a bad guess cannot stall it
-            x = min(max(lo + int((target - t_lo) * (hi - lo) / (t_hi - t_lo)), lo + 1), hi - 1)
-        else:
+            x = lo + max(int((target - t_lo) * rate * 1.02) + 1, 1)
+        elif sides[-2:] in ("ll", "hh"):  # interpolation stuck on one side: bisect once
             x = (lo + hi) // 2
-        step += 1
+        else:
+            x = min(max(lo + round((target - t_lo) * (hi - lo) / (t_hi - t_lo)), lo + 1), hi - 1)
         text, ids = count(x)
         if len(ids) <= target:
-            lo, t_lo, best = x, len(ids), (x, text, ids)
+            lo, t_lo, best, sides = x, len(ids), (x, text, ids), sides + "l"
         else:
-            hi, t_hi = x, len(ids)
+            hi, t_hi, sides = x, len(ids), sides + "h"
+        if sides[-3:-1] in ("ll", "hh"):
+            sides = sides[-1]  # after a bisection, interpolate again
     if t_lo == target:
         return best[0], "", best[1], best[2]
+    per_char = len(tokenizer.encode(pad(64), bos=False)) / 64  # where to start the pad search
     for size in range(lo, max(lo - 8, min_size - 1), -1):  # pad: fill the last few tokens
         gap = target - len(count(size)[1])
-        for k in range(1, 4 * gap + 8):
+        for k in range(max(int(gap / per_char) - 2, 1), int(4 * gap / per_char) + 8):
             text, ids = count(size, pad(k))
             if len(ids) == target:
                 return size, pad(k), text, ids

@@ -120,6 +120,8 @@ def run_suite(gen, tasks: Sequence, lengths: Sequence[int], trials: int = 10, de
         raise ValueError("the model has no tokenizer; suite prompts are text")
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if NAMED in tasks and tail_chars is None:
+        raise ValueError(f"task {NAMED} needs tail_chars (passkey.prompts.named_tail of the window)")
     check_lengths(tok, tasks, lengths)
     plan = plan_trials(tasks, lengths, trials, depths, seed)
     memory_tokens = getattr(gen, "memory_tokens", lambda _: None)
