@@ -93,7 +93,8 @@ def plan_trials(tasks: Sequence, lengths: Sequence[int], trials: int, depths, se
     return plan
 
 
-def _decode(tok, ids: Sequence[int]) -> str:
+def decode_until_eos(tok, ids: Sequence[int]) -> str:
+    """The text of generated ids up to the first EOS."""
     ids = list(ids)
     return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
 
@@ -136,7 +137,7 @@ def run_suite(gen, tasks: Sequence, lengths: Sequence[int], trials: int = 10, de
         budgets = [new_tokens or len(tok.encode(p.answer, bos=False)) + 4 for p in ps]
         outs = _generate(gen, [p.ids for p in ps], max(budgets))
         for t, p, out, k in zip(chunk, ps, outs, budgets):
-            prediction = _decode(tok, out[:k])
+            prediction = decode_until_eos(tok, out[:k])
             score = string_match_all(prediction, p.expected)
             span = None if p.needle_token is None else (p.needle_token, p.needle_token + 1)
             results.append({"method": method, "task": p.task, "length": t["length"], "trial": t["trial"],
