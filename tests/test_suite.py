@@ -209,19 +209,23 @@ def test_prompts_are_seeded():
     assert [t["depth"] for t in plan[-3:]] == [t["depth"] for t in alone]
 
 
-def test_bad_task_input():
-    with pytest.raises(tasks.TaskError, match="unknown task 'niah_single'"):
-        tasks.parse_task("niah_single")
-    with pytest.raises(tasks.TaskError, match="queries=5 exceeds keys=4"):
-        tasks.parse_task("niah_multikey:queries=5")
-    with pytest.raises(tasks.TaskError, match="'depth=2' is not OPTION=VALUE"):
-        tasks.parse_task("vt:depth=2")
-    with pytest.raises(tasks.TaskError, match="hops must be >= 1"):
-        tasks.parse_task("vt:hops=0")
-    with pytest.raises(tasks.TaskError, match="haystack='essay'"):
-        tasks.parse_task("niah_filler:haystack=essay")
+@pytest.mark.parametrize("spec, message", [
+    ("niah_single", "unknown task 'niah_single'"),
+    ("niah_multikey:queries=5", "queries=5 exceeds keys=4"),
+    ("vt:depth=2", "'depth=2' is not OPTION=VALUE"),
+    ("vt:hops=0", "hops must be >= 1"),
+    ("vt:haystack=essay", "haystack='essay' is not one of filler, prose"),
+    ("cwe:freq=3:rare_freq=3", "rare_freq=3 must be below freq=3"),
+    ("niah_filler:key_kind=colors", "key_kind='colors' is not one of words"),
+])
+def test_bad_task_input(spec, message):
+    with pytest.raises(tasks.TaskError, match=re.escape(message)):
+        tasks.parse_task(spec)
+
+
+def test_more_keys_than_fit():
     with pytest.raises(tasks.TaskError, match=r"below the task's minimal prompt \(\d+ tokens"):
-        tasks.parse_task("niah_multikey:keys=40").build(ByteTokenizer(), 1500, 0.5, [0])  # too many keys
+        tasks.parse_task("niah_multikey:keys=40").build(ByteTokenizer(), 1500, 0.5, [0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +298,8 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
     tiny_model(memory_layers=[1]).save(tmp_path / "fot")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fot.eval.suite", str(tmp_path / "fot"), "--tasks", "niah_filler,vt:hops=2,named",
-           "--lengths", "300", "--trials", "2", "--distractors", "1", "--no-progress", "--out", str(out)]
+           "--lengths", "300", "--trials", "2", "--distractors", "1", "--last-context-length", "64",
+           "--no-progress", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "results.json").read_text())
@@ -303,6 +308,9 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
     for t in data["trials"]:
         assert {"task", "length", "depth", "seed", "prompt_tokens", "expected", "prediction", "score"} <= set(t)
     assert all(t["prompt_tokens"] == 300 for t in data["trials"][:4])
+    # 300 tokens, the last 64 in the local context: the others were read into the memory.
+    assert [t["key_in"] for t in data["trials"][:4]] == ["memory" if t["needle_token"] < 300 - 64 else "local"
+                                                       for t in data["trials"][:4]]
     assert "| vt:hops=2 |" in (out / "results.md").read_text() and (out / "score.png").stat().st_size > 0
     model = str(tmp_path / "fot")
     for args, message in ((["--tasks", "needle"], "unknown task 'needle'"),

@@ -86,8 +86,6 @@ class Haystack:
     KINDS = ("filler", "prose", "stdlib", "needles")
 
     def __init__(self, kind: str, seed: int, needle_line: Callable[[], str] | None = None):
-        if kind not in self.KINDS:
-            raise TaskError(f"haystack {kind!r} is not one of {', '.join(self.KINDS)}")
         self.kind, self.line = kind, kind in ("stdlib", "needles")
         self.rng = np.random.default_rng([seed, zlib.crc32(kind.encode())])
         self.needle_line = needle_line
@@ -279,6 +277,9 @@ class Family:
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v < 1:
                 raise TaskError(f"{where}: option {f.name} must be >= 1, got {v}")
+        if getattr(self, "haystack", Haystack.KINDS[0]) not in Haystack.KINDS:
+            raise TaskError(f"{where}: option haystack={self.haystack!r} is not one of "
+                            f"{', '.join(Haystack.KINDS)}")
 
     def layout(self, rng: np.random.Generator, depth: float, target: int) -> Layout:
         raise NotImplementedError
@@ -297,9 +298,6 @@ class Niah(Family):
         super().check(where)
         if self.queries > self.keys:
             raise TaskError(f"{where}: option queries={self.queries} exceeds keys={self.keys}")
-        if self.haystack not in Haystack.KINDS:
-            raise TaskError(f"{where}: option haystack={self.haystack!r} is not one of "
-                            f"{', '.join(Haystack.KINDS)}")
         for name in ("key_kind", "value_kind"):
             if getattr(self, name) not in ("words", "numbers", "uuids"):
                 raise TaskError(f"{where}: option {name}={getattr(self, name)!r} is not one of words, "

@@ -110,8 +110,9 @@ def run_suite(gen, tasks: Sequence, lengths: Sequence[int], trials: int = 10, de
               distractors: Sequence[int] = (4,), tail_chars: int | None = None,
               progress: bool = True) -> list[dict]:
     """Every trial as a dict: method, task, length, trial, depth, seed, prompt_tokens, expected,
-    prediction, score (string_match_all), correct (all references found), generated_ids, key_in
-    (the asked needle's first token in memory or local; see passkey.key_place). The trials of one
+    prediction, score (string_match_all), correct (all references found), generated_ids,
+    needle_token (the asked needle's first token) and key_in (that token in memory or local; see
+    passkey.key_place). The trials of one
     (task, length) are decoded in batches of `batch_size` (equal lengths by construction).
     `named` runs passkey.run_multidoc with `tail_chars` of filler after the asked document."""
     from tqdm.auto import tqdm
@@ -143,7 +144,7 @@ def run_suite(gen, tasks: Sequence, lengths: Sequence[int], trials: int = 10, de
             results.append({"method": method, "task": p.task, "length": t["length"], "trial": t["trial"],
                             "depth": p.depth, "seed": seed, "prompt_tokens": len(p.ids),
                             "expected": p.expected, "prediction": prediction, "score": score,
-                            "correct": score == 1.0, "generated_ids": list(out[:k]),
+                            "correct": score == 1.0, "generated_ids": list(out[:k]), "needle_token": p.needle_token,
                             "key_in": span and passkey.key_place(span, memory_tokens(len(p.ids)))})
             hits += score == 1.0
         bar.update(len(chunk))
@@ -175,8 +176,8 @@ def write_suite_report(out, trials: Sequence[dict], meta: dict[str, Any], *, nam
                        threshold: float) -> dict[str, Path]:
     """results.json (meta, accuracy, Wilson intervals, mean score and effective length per method
     and task, every trial), results.md (per method: task x length accuracy with Wilson 95%
-    intervals and the effective length, RULER's mean score; the named-key task by distractor
-    count) and score.png (accuracy vs length per method and task, Wilson bars)."""
+    intervals and the effective length, RULER's mean score, accuracy by where the needle was
+    (memory / local) with memory on; the named-key task by distractor count) and score.png (accuracy vs length per method and task, Wilson bars)."""
     out = Path(out)
     fitted = [t for t in trials if t["task"] != NAMED]
     named = [t for t in trials if t["task"] == NAMED]
@@ -211,6 +212,14 @@ def write_suite_report(out, trials: Sequence[dict], meta: dict[str, Any], *, nam
             parts.append(f"## {m}\n\n" + report.markdown_table(["task", *heads, "effective"], rows)
                          + "\nRULER's score (mean fraction of the references found):\n\n"
                          + report.markdown_table(["task", *heads], score_rows))
+            placed = report.counts_by([t for t in mine if t.get("key_in")], "task", "key_in", "length")
+            where = [[task, w, *[report.format_rate(*placed[(task, w, n)]) if (task, w, n) in placed else "—"
+                                 for n in lengths]]
+                     for task in task_names for w in ("memory", "local") if any(k[:2] == (task, w) for k in placed)]
+            if where:
+                parts.append("By where the asked needle's first token was when the question was read "
+                             "(read into the FoT memory, or in the final local context):\n\n"
+                             + report.markdown_table(["task", "needle in", *heads], where))
     extra = {}
     if named:
         nc = report.counts_by(named, "method", "distractors")
