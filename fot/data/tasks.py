@@ -498,7 +498,6 @@ TASKS: dict[str, tuple[type[Family], dict[str, Any]]] = {
 @dataclass(frozen=True)
 class Task:
     spec: str  # as given: NAME[:OPTION=VALUE...]
-    name: str
     family: Family
 
     def build(self, tokenizer, target: int, depth: float | None, seed: Sequence[int]) -> TaskPrompt:
@@ -541,7 +540,7 @@ def parse_task(spec: str) -> Task:
             raise TaskError(f"task {spec!r}: option {key}={raw!r} is not a number") from None
     fam = family(**values)
     fam.check(f"task {spec!r}")
-    return Task(spec.strip(), name, fam)
+    return Task(spec.strip(), fam)
 
 
 def task_seed(task: Task, *rest: int) -> list[int]:
