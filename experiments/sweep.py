@@ -16,8 +16,8 @@ keys together, an axis may list mappings instead of values:
 
 Each cell is trained (OUT/runs/<training overrides>/) and evaluated on passkey retrieval at
 experiment.lengths: with its memory (its memory.retrieval, knn_k, ...) when it has memory layers,
-else with plain attention over the whole prompt. Keys that only matter at inference (EVAL_ONLY in
-experiments/training.py: memory.retrieval, memory.knn_k, ...) do not start another training: cells
+else with plain attention over the whole prompt. Keys that only matter at inference (INFERENCE_KEYS in
+fot/config.py: memory.retrieval, memory.knn_k, ...) do not start another training: cells
 that differ only in them share one trained model. A cell's result is OUT/cells/<cell>/result.json
 (accuracy per length, every trial, the final training loss); a cell with a result is skipped on a
 re-run.
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fot.config import Config, ConfigError, apply_overrides, config_from_dict
+from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
 
 from experiments.config import ExperimentFile, check_capacity, load_experiment
 from experiments.provenance import run_meta
-from experiments.training import EVAL_ONLY, Interrupted, check_same_run, ensure_trained
+from experiments.training import Interrupted, check_same_run, ensure_trained
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ class Cell:
 
     @property
     def train_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.overrides.items() if k not in EVAL_ONLY}
+        return {k: v for k, v in self.overrides.items() if k not in INFERENCE_KEYS}
 
     @property
     def eval_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.overrides.items() if k in EVAL_ONLY}
+        return {k: v for k, v in self.overrides.items() if k in INFERENCE_KEYS}
 
     @property
     def train_name(self) -> str:
@@ -144,7 +144,7 @@ def plan(ef: ExperimentFile, out: Path) -> list[Cell]:
         full = config_from_dict(apply_overrides(base, as_override_args(overrides)), cell_where)
         if full.memory.layers:
             check_capacity(full, ef.experiment.token_lengths(), cell_where)
-        trained = {k: v for k, v in overrides.items() if k not in EVAL_ONLY}
+        trained = {k: v for k, v in overrides.items() if k not in INFERENCE_KEYS}
         tree = apply_overrides(base, as_override_args(trained))
         tree["train"]["run_dir"] = str(out / "runs" / slug(trained))
         cells.append(Cell(i, overrides, config_from_dict(tree, cell_where)))

@@ -15,14 +15,7 @@ from typing import Any
 
 import yaml
 
-from fot.config import Config, ConfigError, config_from_dict
-
-# Keys that do not change the trained weights: more steps continue the same run; the others only
-# matter at inference (crossbatch training attends densely whatever the retrieval mode).
-BOOKKEEPING = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
-EVAL_ONLY = ("memory.retrieval", "memory.knn_k", "memory.ivf_clusters", "memory.ivf_probe",
-             "memory.capacity", "memory.on_full", "memory.last_context_length")
-
+from fot.config import Config, ConfigError, config_from_dict, trajectory_changes
 
 class Interrupted(RuntimeError):
     """Training stopped on SIGTERM/SIGINT (its checkpoint is saved); carries the signal number."""
@@ -32,14 +25,6 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "rope_scaling" else {key: v})
-    return out
-
-
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the finished checkpoints (orbax writes a step under a temporary name first)."""
     ckpt = run_dir / "checkpoints"
@@ -47,21 +32,16 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
-    """Raise if run_dir holds a run of a different config (ignoring BOOKKEEPING, EVAL_ONLY, the run
-    dir and the device mesh). The saved config is read with today's defaults for keys added since."""
+    """Raise if run_dir holds a run of a config that trains differently
+    (fot.config.trajectory_changes). The saved config is read with today's defaults for keys added
+    since."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
     saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()) or {}, str(saved))
-
-    def relevant(c: Config) -> dict[str, Any]:
-        return {k: v for k, v in _flat(c.to_dict()).items()
-                if k not in {*BOOKKEEPING, *EVAL_ONLY, "train.run_dir"} and not k.startswith("mesh.")}
-
-    old, new = relevant(saved_cfg), relevant(cfg)
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = trajectory_changes(saved_cfg, cfg)
     if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:5])
+        shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(diff.items())[:5])
         raise ConfigError(f"{run_dir} holds a run of another config ({shown}); delete it or choose "
                           f"another output directory")
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from fot.config import Config
-from fot.data.tokenizer import Tokenizer
+from fot.data.tokenizer import Tokenizer, check_vocab
 from fot.model.llama import Llama, init_model
 
 
@@ -24,6 +24,9 @@ class FotModel:
     config: Config
     module: Llama
     tokenizer: Tokenizer | None = None
+
+    def __post_init__(self):
+        check_vocab(self.tokenizer, self.config.model.vocab_size, "FotModel")
 
     @classmethod
     def random(cls, config: Config, seed: int = 0, tokenizer: Tokenizer | None = None) -> "FotModel":

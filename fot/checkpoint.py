@@ -7,6 +7,9 @@ Layout of a checkpoint directory:
                   (`State.to_pure_dict()`: {"embed_tokens": {"embedding": array}, "layers": ...})
     tokenizer/    optional copy of the tokenizer: `tokenizer.model` (SentencePiece), an HF tokenizer
                   directory, or an empty file `byte` for the byte-level tokenizer
+    checksums.json  per tensor of params/, the sum of its raw bits as 32-bit words (`checksums`);
+                  checked on every restore, so a flipped bit on disk is an error, not a silently
+                  different model (directories written before it existed load unchecked)
 
 The training loop keeps the same `params` layout under orbax's CheckpointManager, so a training step
 directory restores with `restore_params` too.
@@ -15,12 +18,16 @@ directory restores with `restore_params` too.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -31,10 +38,16 @@ from fot.model.llama import Llama
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+CHECKSUMS_FILE = "checksums.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or weight file is missing, malformed or disagrees with its config."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that cannot be read back as written: files truncated, missing or with flipped
+    bits (as opposed to one that is intact but disagrees with the config)."""
 
 
 @contextlib.contextmanager
@@ -60,6 +73,38 @@ def atomic_dir(dst: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@jax.jit
+def _word_sums(leaves: list) -> list:
+    def words(x):  # the raw bits as unsigned words (an 8-byte dtype as two 32-bit words)
+        width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+        return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+    return [jnp.sum(words(x), dtype=jnp.uint32) for x in leaves]
+
+
+def checksums(tree) -> dict[str, int]:
+    """Per leaf (by its key path), the sum mod 2**32 of its raw bits as 32-bit words: integer sums
+    are exact in any order, so the value is the same on every mesh and sharding, and one flipped
+    bit changes it (by a power of two)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    sums = jax.device_get(_word_sums([leaf for _, leaf in flat]))
+    return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, sums)}
+
+
+def mismatched(saved: dict[str, int], tree) -> list[str]:
+    """The leaves of `tree` whose checksum differs from (or is missing in) `saved`."""
+    got = checksums(tree)
+    return sorted(k for k in got.keys() | saved.keys() if got.get(k) != saved.get(k))
+
+
+def write_checksums(params: dict, directory: Path, write: bool = True) -> None:
+    """directory/checksums.json of `params`. With several processes every one calls it (the sums
+    are a collective) and one writes (`write`)."""
+    sums = checksums(params)
+    if write:
+        (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps(sums, sort_keys=True))
 
 
 def params_dict(module: nnx.Module) -> dict:
@@ -95,6 +140,7 @@ def save_model(model, path: str | Path, overwrite: bool = False) -> Path:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params_dict(model.module))
             ckptr.wait_until_finished()
+        write_checksums(params_dict(model.module), tmp)
         if model.tokenizer is not None:
             save_tokenizer(model.tokenizer, tmp / TOKENIZER_DIR)
     return path
@@ -115,21 +161,67 @@ def restore_params(path: str | Path, abstract_state: nnx.State) -> nnx.State:
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or here),
                           abstract_state.to_pure_dict())
+    check_matches(src, read_metadata(src), flat_tensors(target))
     with ocp.StandardCheckpointer() as ckptr:
-        _check_matches(src, _flat(ckptr.metadata(src).item_metadata.tree), _flat(target))
-        restored = ckptr.restore(src, target)
+        try:
+            restored = ckptr.restore(src, target)
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+            raise DamagedCheckpoint(f"{src}: damaged checkpoint, its arrays cannot be read "
+                                    f"({damage(e)})") from None
+    sums = Path(path).absolute() / CHECKSUMS_FILE
+    if sums.is_file():
+        try:
+            saved = json.loads(sums.read_text())
+        except ValueError as e:
+            raise DamagedCheckpoint(f"{sums}: damaged ({e})") from None
+        bad = mismatched(saved, restored)
+        if bad:
+            raise DamagedCheckpoint(f"{src}: damaged checkpoint, tensor {bad[0]} differs from its "
+                                    f"checksum in {sums} ({len(bad)} tensor(s) differ)")
     nnx.replace_by_pure_dict(abstract_state, restored)
     return abstract_state
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def read_metadata(src: Path) -> dict:
+    """{tensor name: orbax metadata (shape, dtype)} of an orbax params directory."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # an item of a training checkpoint has no step metadata: not news
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return flat_tensors(ckptr.metadata(src).item_metadata.tree)
+        except Exception as e:
+            raise DamagedCheckpoint(f"{src}: damaged or incomplete checkpoint, its metadata cannot "
+                                    f"be read ({damage(e)})") from None
+        finally:
+            absl.setLevel(level)
+
+
+def damage(e: BaseException) -> str:
+    """An exception from reading a damaged checkpoint in one line (orbax's run to pages). The
+    reads still pending when it was raised fail later, each printing another page as an
+    "exception ignored" at garbage collection: from now on those are dropped."""
+    if sys.unraisablehook is not _drop_pending_reads:
+        _drop_pending_reads.default = sys.unraisablehook
+        sys.unraisablehook = _drop_pending_reads
+    lines = [ln.strip() for ln in str(e).split(" See full TensorStore details")[0].splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _drop_pending_reads(unraisable) -> None:
+    if "_read_array_index" not in repr(unraisable.object):
+        _drop_pending_reads.default(unraisable)
+
+
+def flat_tensors(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v})
+        out.update(flat_tensors(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v})
     return out
 
 
-def _check_matches(src: Path, saved: dict, want: dict) -> None:
+def check_matches(src: Path, saved: dict, want: dict) -> None:
     # Checked here so a config that disagrees with the weights gives one clear line, not orbax's dump.
     for k in want:
         if k not in saved:
@@ -149,7 +241,12 @@ def load_checkpoint(path: str | Path, config: Config | None = None):
 
     path = Path(path)
     cfg = config or load_config(path / CONFIG_FILE)
+    try:
+        tokenizer = load_saved_tokenizer(path / TOKENIZER_DIR)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path / TOKENIZER_DIR}: damaged tokenizer ({damage(e)})") from None
     abstract = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params = restore_params(path, params)
-    return FotModel(cfg, nnx.merge(graphdef, params, rest), load_saved_tokenizer(path / TOKENIZER_DIR))
+    return FotModel(cfg, nnx.merge(graphdef, params, rest), tokenizer)
+

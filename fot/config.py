@@ -450,3 +450,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run's trajectory depends on (resuming a run, reusing an experiment's run directory).
+
+# Keys that never change the weights a run has at a given step: bookkeeping (more train.steps
+# continue the same run) and the inference-time memory settings (crossbatch training attends
+# densely whatever the retrieval mode). Mesh keys are free too: a run resumes on any mesh.
+BOOKKEEPING_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                    "train.run_dir")
+INFERENCE_KEYS = ("memory.retrieval", "memory.knn_k", "memory.ivf_clusters", "memory.ivf_probe",
+                  "memory.capacity", "memory.on_full", "memory.last_context_length")
+
+
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict as {dotted key: value}, a list of sections by index (data.sources[0].weight);
+    rope_scaling, a dict-valued setting, stays one value."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "rope_scaling":
+            out.update(flat_keys(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flat_keys(x, f"{key}[{i}]."))
+        else:
+            out[key] = v
+    return out
+
+
+def trajectory_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every setting that differs and changes what is
+    trained (all but BOOKKEEPING_KEYS, INFERENCE_KEYS and mesh.*)."""
+    free = {*BOOKKEEPING_KEYS, *INFERENCE_KEYS}
+    a, b = flat_keys(old.to_dict()), flat_keys(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if k not in free and not k.startswith("mesh.") and a.get(k) != b.get(k)}

@@ -37,6 +37,12 @@ class TensorBoard:
             value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
         self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
+    def restart(self, step: int) -> None:
+        """Mark a resume at `step`: TensorBoard's readers drop this run's earlier events at steps
+        >= `step` (a SessionLog START purges them), so a resumed run shows each step once."""
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
     def flush(self) -> None:
         self.writer.flush()
 

@@ -28,10 +28,13 @@ all-gathers and permutes of memory-layer keys/values (fot/sharding.py CROSSBATCH
 Run directory (`train.run_dir`): config.yaml (resolved config), events.out.tfevents.* (TensorBoard:
 loss, learning_rate, grad_norm, tokens_per_s, mfu, step_time), metrics.jsonl (every step),
 checkpoints/<step>/ (orbax CheckpointManager: params, opt_state, meta = step, RNG, data position),
-final/ (a fot checkpoint of the trained model, readable by `fot.load_model`). A run directory with
-checkpoints is resumed from the latest one, on any mesh, and gives exactly the losses of an
-uninterrupted run. SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the run with
-a checkpoint of the last good step (the step that produced it is not applied).
+final/ (a fot checkpoint of the trained model, readable by `fot.load_model`), config_changes.jsonl
+(changes accepted on resume). A run directory with checkpoints is resumed from the newest one that
+reads back intact (each carries checksums of its arrays; damaged newer ones are moved to
+damaged_checkpoints/ with a warning), on any mesh, and gives exactly the losses of an uninterrupted
+run. A config that trains differently from the run's (fot.config.trajectory_changes) is refused
+unless `--accept-changes`. SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the
+run with a checkpoint of the last good step (the step that produced it is not applied).
 
 MFU = tokens/s x model FLOPs per token / (peak FLOP/s per device x devices), with FLOPs per token
 from `fot.flops.train_flops_per_token` (3 x (2 x matmul weights + attention 4*H*D per visible key
@@ -43,6 +46,7 @@ measured in this process on CPUs; the environment variable FOT_PEAK_FLOPS overri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -61,13 +65,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
-from fot.config import Config, ConfigError, load_config, save_config
+from fot.checkpoint import (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, CheckpointError, DamagedCheckpoint,
+                            check_matches, checksums, damage, flat_tensors, mismatched, read_metadata,
+                            save_tokenizer, write_checksums)
+from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
 from fot.metrics import TensorBoard, keep_steps_up_to, progress_bar
 from fot.model.crossbatch import crossbatch_memory
 from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
 
+CHANGES_FILE = "config_changes.jsonl"  # config changes accepted on resume, with their step
 BATCH_KEYS = ("inputs", "targets", "loss_mask")  # what the step reads of a pipeline batch
 MEMORY_SCOPE = "fot_memory"  # named scope of the memory-layer code, to find its ops in the HLO
 
@@ -338,24 +346,95 @@ def _manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
                                  item_names=("params", "opt_state", "meta"))
 
 
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    """Save `state` as step `step`; meta gets the state's checksums and a digest of itself, which
+    _restore verifies."""
     # The sharded arrays themselves: orbax copies them to the host before `save` returns (only the
     # file writes are asynchronous), so the next step may donate them.
     if step in mngr.all_steps():
         return
+    meta = {**meta, "checksums": checksums({k: state[k] for k in ("params", "opt_state")})}
+    meta["digest"] = _meta_digest(meta)
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)))
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, plan: StepPlan) -> tuple[dict, dict]:
-    """Restore into the plan's shardings, whatever mesh wrote the checkpoint."""
-    got = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(plan.abstract["params"]),
-        opt_state=ocp.args.StandardRestore(plan.abstract["opt_state"]),
-        meta=ocp.args.JsonRestore()))
+    """Restore into the plan's shardings, whatever mesh wrote the checkpoint. DamagedCheckpoint if
+    its files cannot be read back as written; CheckpointError if it is intact but holds other
+    shapes than this config's."""
+    where = Path(mngr.directory) / str(step)
+    check_matches(where / "params", read_metadata(where / "params"), flat_tensors(plan.abstract["params"]))
+    try:
+        got = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(plan.abstract["params"]),
+            opt_state=ocp.args.StandardRestore(plan.abstract["opt_state"]),
+            meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+        raise DamagedCheckpoint(f"{where}: damaged checkpoint, its files cannot be read "
+                                f"({damage(e)})") from None
+    meta = got["meta"]
+    if "digest" in meta:  # (checkpoints written before checksums existed are taken as they are)
+        if meta["digest"] != _meta_digest(meta):
+            raise DamagedCheckpoint(f"{where}: damaged checkpoint, its metadata differs from its digest")
+        bad = mismatched(meta["checksums"], {"params": got["params"], "opt_state": got["opt_state"]})
+        if bad:
+            raise DamagedCheckpoint(f"{where}: damaged checkpoint, {bad[0]} differs from its checksum "
+                                    f"({len(bad)} array(s) differ)")
     state = {"params": got["params"], "opt_state": got["opt_state"], "halted": plan.not_halted()}
-    return state, got["meta"]
+    return state, meta
+
+
+def _restore_latest(run_dir: Path, keep: int, plan: StepPlan, say) -> tuple:
+    """(manager, step, state, meta) of the newest checkpoint that reads back intact (step 0, None,
+    None without checkpoints). Newer damaged ones are warned about and moved to
+    run_dir/damaged_checkpoints/ (out of the manager's view, so their steps can be saved again);
+    if none is intact, nothing is moved and the error lists them all. Stale temporary
+    directories of an interrupted save are removed first."""
+    ckpt = run_dir / "checkpoints"
+    lead = jax.process_index() == 0
+    if lead and ckpt.is_dir():
+        for tmp in ckpt.glob("*.orbax-checkpoint-tmp*"):
+            say(f"removing {tmp}: an unfinished save")
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier("fot_tmp_cleanup")
+    mngr = _manager(run_dir, keep)
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state, meta = _restore(mngr, step, plan)
+        except DamagedCheckpoint as e:
+            say(f"warning: {e}; trying the previous one")
+            damaged.append((step, str(e)))
+            continue
+        if damaged:
+            mngr.close()
+            if lead:
+                aside = run_dir / "damaged_checkpoints"
+                aside.mkdir(exist_ok=True)
+                for bad, _ in damaged:
+                    os.replace(ckpt / str(bad), aside / f"{bad}-{time.strftime('%Y%m%dT%H%M%S')}")
+                say(f"moved {len(damaged)} damaged checkpoint(s) to {aside}")
+            _barrier("fot_damaged_moved")
+            mngr = _manager(run_dir, keep)
+        return mngr, step, state, meta
+    if damaged:
+        listing = "\n  - ".join(msg for _, msg in damaged)
+        raise TrainError(f"no checkpoint of {run_dir} reads back intact (nothing was moved):\n  - {listing}")
+    return mngr, 0, None, None
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _save_final(cfg: Config, params: dict, tokenizer, path: Path) -> None:
@@ -363,8 +442,6 @@ def _save_final(cfg: Config, params: dict, tokenizer, path: Path) -> None:
     (each its shards of params/; `save_model`'s private temporary directory cannot be shared by
     several hosts). config.yaml goes last: `fot.load_model` needs it, so a directory without it is
     an unfinished one."""
-    from fot.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, save_tokenizer
-
     path = path.absolute()
     lead = jax.process_index() == 0
     if lead:
@@ -374,6 +451,7 @@ def _save_final(cfg: Config, params: dict, tokenizer, path: Path) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / PARAMS_DIR, params, force=True)
         ckptr.wait_until_finished()
+    write_checksums(params, path, write=lead)
     if lead:
         if tokenizer is not None:
             save_tokenizer(tokenizer, path / TOKENIZER_DIR)
@@ -411,35 +489,74 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss."""
+def _config_changes(cfg: Config, run_dir: Path, accept: bool) -> dict[str, tuple]:
+    """What of cfg trains differently from the run in run_dir (fot.config.trajectory_changes;
+    nothing for a run without checkpoints): a ConfigError listing it unless `accept`."""
+    saved = run_dir / "config.yaml"
+    ckpt = run_dir / "checkpoints"
+    if not (saved.is_file() and ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        return {}
+    changes = trajectory_changes(load_config(saved), cfg)
+    if changes and not accept:
+        listing = "\n  - ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(f"{run_dir} holds a run whose config trains differently; resuming with this "
+                          f"config would change its trajectory:\n  - {listing}\nRestore these settings, "
+                          f"use another train.run_dir, or accept the changes with --accept-changes "
+                          f"(recorded in {run_dir / CHANGES_FILE})")
+    return changes
+
+
+def _restore_data(stream, state: dict, changes: dict, say) -> None:
+    """The data position of a checkpoint; after an accepted change to the data the saved position
+    may not fit the new stream, which then starts from its beginning."""
+    from fot.data.sources import DataError
+
+    try:
+        stream.restore(state)
+    except DataError as e:
+        if not changes:
+            raise
+        say(f"warning: the saved data position does not fit the changed config ({e}); the data "
+            f"stream starts from its beginning")
+
+
+def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> dict:
+    """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss, and
+    ConfigError when resuming a run whose config trains differently, unless `accept_changes` (then
+    the changes are recorded in run_dir/config_changes.jsonl with the step they took effect)."""
     from fot.data.pipeline import BatchStream
 
     _validate(cfg)
     tr = cfg.train
+    run_dir = Path(tr.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"train.run_dir={run_dir} is a file, not a directory")
+    changes = _config_changes(cfg, run_dir, accept_changes)
     _check_inputs(cfg)  # (touches no device: the processes join in _mesh)
     mesh = _mesh(cfg)
     plan = StepPlan(cfg, mesh)
     stream = BatchStream(cfg, slots=plan.slots)  # this process's pack slots only
     lead = jax.process_index() == 0
     say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
-    run_dir = Path(tr.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if lead:
-        save_config(cfg, run_dir / "config.yaml")
     say(_describe(mesh))
 
     lr_at = schedule(tr)
-    mngr = _manager(run_dir, tr.keep_checkpoints)
-    start = mngr.latest_step()
+    mngr, start, state, meta = _restore_latest(run_dir, tr.keep_checkpoints, plan, say)
     rng = jax.random.key_data(jax.random.key(tr.seed))  # no dropout: saved for completeness
-    if start is None:
+    if state is None:
         state = plan.init_state(_init_params(cfg, plan))
     else:
-        state, meta = _restore(mngr, start, plan)
-        stream.restore(meta["data"])
+        _restore_data(stream, meta["data"], changes, say)
         say(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})")
-    start = start or 0
+    if lead:  # only now: after a failed restore the run directory still describes its checkpoints
+        save_config(cfg, run_dir / "config.yaml")
+        if changes:
+            record = {"step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+            with open(run_dir / CHANGES_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            say(f"accepted config changes from step {start}: {', '.join(changes)}")
 
     data_state = {start: stream.state()}  # this process's data position after each step, kept
     # for in-flight steps
@@ -453,6 +570,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     fpt = flops.train_flops_per_token(cfg)
     peak, n_peak, peak_src = flops.system_peak_flops(mesh.devices.flat)
     tb = TensorBoard(run_dir) if lead else None
+    if lead and start:
+        tb.restart(start + 1)  # readers drop the steps an interrupted run logged after `start`
     if lead:
         keep_steps_up_to(run_dir / "metrics.jsonl", start)
     log = open(run_dir / "metrics.jsonl", "a") if lead else None
@@ -492,7 +611,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
         now = time.perf_counter()
         dt, last["time"] = now - last["time"], now
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            # The device state halted at `good` (this step and any in flight after it left it as it
+            # was), so checkpoints saved since hold good's state under later numbers: they go, and
+            # good is saved (orbax never saves a step below its latest).
             good = step - 1
+            mngr.wait_until_finished()
+            for later in [s for s in mngr.all_steps() if s > good]:
+                mngr.delete(later)
             _save(mngr, good, state, meta(good))
             mngr.wait_until_finished()
             raise TrainError(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}: "
@@ -604,11 +729,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--accept-changes", action="store_true",
+                    help="resume a run even though this config trains differently from the run's "
+                         "(the changes are recorded in RUN_DIR/config_changes.jsonl)")
     ap.add_argument("--dry-run", action="store_true",
                     help="compile the train step for the configured mesh on abstract parameters, "
                          "print its size, FLOPs, memory per device and collectives, and exit")
     args = ap.parse_intermixed_args(argv)
-    from fot.checkpoint import CheckpointError
     from fot.data.sources import DataError
 
     try:
@@ -616,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        summary = train(cfg, progress=not args.no_progress)
+        summary = train(cfg, progress=not args.no_progress, accept_changes=args.accept_changes)
     except (ConfigError, ShardingError, TrainError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ConfigError, ShardingError)) else 1

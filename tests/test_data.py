@@ -201,7 +201,7 @@ def test_config_rejects_bad_sources():
 
 
 def test_tokenizer_larger_than_vocab_is_an_error():
-    with pytest.raises(DataError, match="model.vocab_size=128"):
+    with pytest.raises(ConfigError, match="259 ids but model.vocab_size=128"):
         BatchStream(cfg_for([{"path": "builtin:stdlib"}], vocab=128))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,19 +96,26 @@ def test_resume_after_sigkill_gives_the_same_losses(full_run, tmp_path, capsys):
         assert m["loss"] == want[m["step"]], (m["step"], m["loss"], want[m["step"]])
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_that_resumes_exactly(full_run, tmp_path, capsys, signum):
     run = tmp_path / "run"
-    proc = start_run(write_config(tmp_path), run, "train.checkpoint_every=3")
+    cfg = write_config(tmp_path)
+    proc = start_run(cfg, run, "train.checkpoint_every=3")
     try:
         wait_for_checkpoint(proc, run, 3)
-        proc.terminate()
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + 15
-    step = int(out.split("SIGTERM: saved checkpoint ")[1].split(" at step ")[1].split(";")[0])
+    assert proc.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    step = int(out.split(f"{name}: saved checkpoint ")[1].split(" at step ")[1].split(";")[0])
     assert step >= 3 and (run / "checkpoints" / str(step) / "commit_success.txt").is_file()
+    assert step < FULL, "the run reached the reference's length before the signal"
+    assert main([str(cfg), f"train.run_dir={run}", f"train.steps={FULL}", "--no-progress"]) == 0
+    assert f"(step {step})" in capsys.readouterr().out
+    assert losses(run) == losses(full_run)
 
 
 def test_tensorboard_scalars_and_config(full_run):

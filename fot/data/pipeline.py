@@ -32,7 +32,7 @@ import numpy as np
 from fot.config import Config
 from fot.data.packing import Packer
 from fot.data.sources import DataError, DocStream, open_source
-from fot.data.tokenizer import load_tokenizer
+from fot.data.tokenizer import check_vocab, load_tokenizer
 
 STATE_VERSION = 3  # 2: one position per pack slot; 3: the window-length check per stream
 
@@ -50,9 +50,7 @@ class BatchStream:
             raise DataError(f"pack slots {self.slots} are not all among the {self.n_slots} slots "
                             f"(train.batch_size / train.pack_size)")
         self.tokenizer = load_tokenizer(data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise DataError(f"data.tokenizer={data.tokenizer!r} has {self.tokenizer.vocab_size} ids but "
-                            f"model.vocab_size={cfg.model.vocab_size}")
+        check_vocab(self.tokenizer, cfg.model.vocab_size, f"data.tokenizer={data.tokenizer!r}")
         # One seed per source from data.seed, so adding a source does not reshuffle the others.
         seeds = np.random.SeedSequence(data.seed).spawn(len(data.sources) + 1)
         sources = [open_source(s, int(seeds[i].generate_state(1)[0]), f"data.sources[{i}]")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from fot.config import ConfigError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -82,3 +84,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if p.is_dir() and (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file():
         return SentencePieceTokenizer(p / "tokenizer.model")
     return HFTokenizer(spec)
+
+
+def check_vocab(tokenizer: Tokenizer | None, vocab_size: int, where: str) -> None:
+    """Every id the tokenizer can produce needs an embedding row; a mismatch is an error now rather
+    than an out-of-range id deep in the model. (Fewer ids than rows is fine: vocabularies are often
+    padded, e.g. 32016 rows for 32000 ids.)"""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                          f"{vocab_size}: not this model's tokenizer")
