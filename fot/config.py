@@ -151,7 +151,8 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One data source: `builtin:stdlib`, `builtin:passkey`, a hub name or a local file."""
+    """One data source: `builtin:stdlib`, `builtin:passkey`, `builtin:task:SPEC` (a suite task,
+    fot/data/tasks.py), a hub name or a local file."""
 
     path: str = "builtin:stdlib"
     name: str | None = None  # HF dataset config name
@@ -182,9 +183,16 @@ class SourceConfig:
     def validate(self, where: str, key: str) -> None:
         if not self.path:
             raise ConfigError(f"{where}: {key}.path is empty")
-        if self.path.startswith("builtin:") and self.path not in ("builtin:stdlib", "builtin:passkey"):
+        if self.path.startswith("builtin:task:"):
+            from fot.data.tasks import TaskError, parse_task  # (fot.data imports this module)
+
+            try:
+                parse_task(self.path.removeprefix("builtin:task:"))
+            except TaskError as e:
+                raise ConfigError(f"{where}: {key}.path = {self.path!r}: {e}") from None
+        elif self.path.startswith("builtin:") and self.path not in ("builtin:stdlib", "builtin:passkey"):
             raise ConfigError(f"{where}: {key}.path = {self.path!r} is not a built-in source "
-                              f"(builtin:stdlib, builtin:passkey)")
+                              f"(builtin:stdlib, builtin:passkey, builtin:task:TASK)")
         if not self.weight > 0:
             raise ConfigError(f"{where}: {key}.weight must be positive, got {self.weight}")
         if self.min_chars < 0:

@@ -124,16 +124,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(runs, tmp_path):
-    """2 processes x 4 CPU devices joined through JAX_COORDINATOR_ADDRESS (mesh.distributed=auto):
-    each loads its rows, all write their checkpoint shards, only process 0 logs."""
-    run = tmp_path / "run"
+def two_processes(cfg: Path, run: Path, *overrides: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """`python -m fot.train` as 2 processes x 4 CPU devices joined through JAX_COORDINATOR_ADDRESS
+    (mesh.distributed=auto) on the data=2 fsdp=2 tensor=2 mesh: return codes and (stdout, stderr)."""
     env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     base = {**os.environ, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **env}
-    procs = [subprocess.Popen([sys.executable, "-m", "fot.train", str(runs / "cfg.yaml"),
-                               f"train.run_dir={run}", *MESH_222, "--no-progress"], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "fot.train", str(cfg), f"train.run_dir={run}",
+                               *MESH_222, *overrides, "--no-progress"], cwd=ROOT,
                               env={**base, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -142,7 +141,14 @@ def test_two_processes_train_like_one(runs, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    return [p.returncode for p in procs], outs
+
+
+def test_two_processes_train_like_one(runs, tmp_path):
+    """Each process loads its rows, all write their checkpoint shards, only process 0 logs."""
+    run = tmp_path / "run"
+    codes, outs = two_processes(runs / "cfg.yaml", run)
+    assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "over 8 cpu devices, 2 process(es)" in outs[0][0] and "done:" in outs[0][0]
     # Process 1 prints none of the run's log (only gloo's own connection messages, which wrap lines).
     assert not any(m in outs[1][0] for m in ("over 8 cpu devices", "done:", "step ", "loss"))
@@ -152,6 +158,16 @@ def test_two_processes_train_like_one(runs, tmp_path):
     p1, p2 = final_params(runs / "one"), final_params(run)
     for k in p1:
         np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_two_processes_keep_the_last_good_state_on_nan(runs, tmp_path):
+    """lr 1e30: a non-finite gradient at step 2, a checkpoint step (tests/test_reliability.py has
+    the one-process case): both processes stop, and the checkpoint of step 1 is the one on disk."""
+    run = tmp_path / "run"
+    codes, outs = two_processes(runs / "cfg.yaml", run, "train.learning_rate=1e30", "train.checkpoint_every=2")
+    assert codes == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert f"the last good step 1 is saved in {run / 'checkpoints' / '1'}" in outs[0][1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -340,3 +340,12 @@ def test_task_training_source():
         open_source(SourceConfig(path="builtin:task:nope"), seed=0)
     with pytest.raises(DataError, match="min_chars=100 is below the task's shortest prompt"):
         open_source(SourceConfig(path="builtin:task:cwe", min_chars=100), seed=0)
+
+
+def test_task_sources_in_a_config():
+    from fot.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"data": {"sources": [{"path": "builtin:task:niah_multikey:keys=8"}]}})
+    assert cfg.data.sources[0].path == "builtin:task:niah_multikey:keys=8"
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path = 'builtin:task:nope': unknown task 'nope'"):
+        config_from_dict({"data": {"sources": [{"path": "builtin:task:nope"}]}})
