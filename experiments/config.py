@@ -15,6 +15,8 @@ a `ConfigError` naming the dotted key and the file.
       finetune: {steps: 200, factor: 4, learning_rate: 3e-4, warmup_steps: 20}  # ft-* and fot-ft
       distractors: [0, 8, 64]     # the named-key multi-document task (empty: not run)
       named_methods: [fot-dense]  # which methods run it (default: every method with memory)
+      suite: [niah_multikey, vt]  # RULER-style tasks (fot.eval.suite) at the same lengths and trials
+      suite_threshold: 0.85       # accuracy that defines a task's effective length
     sweep:                        # experiments.sweep only
       axes: {train.cross_batch_range: [0, 1, 3]}  # or cells: [{key: value, ...}, ...]
 
@@ -57,6 +59,13 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distractors: tuple[int, ...] = ()
     named_methods: tuple[str, ...] = ()  # methods that also run the named-key task (empty: all with memory)
+    suite: tuple[str, ...] = ()  # fot.data.tasks specs, run by every method besides passkey
+    suite_threshold: float = 0.85
+
+    def suite_tasks(self) -> list:
+        from fot.data.tasks import parse_task
+
+        return [parse_task(spec) for spec in self.suite]
 
     def token_lengths(self) -> list[int]:
         from fot.eval.report import parse_length
@@ -146,6 +155,14 @@ def _validate(ex: ExperimentConfig, cfg: Config, where: str) -> None:
         passkey.check_lengths(tokenizer, ex.token_lengths())
     except ValueError as e:
         raise ConfigError(f"{where}: experiment.lengths: {e}") from None
+    from fot.eval import suite
+
+    try:
+        suite.check_lengths(tokenizer, ex.suite_tasks(), ex.token_lengths())
+    except ValueError as e:  # TaskError too: an unknown task or option
+        raise ConfigError(f"{where}: experiment.suite: {e}") from None
+    if not 0 < ex.suite_threshold <= 1:
+        raise ConfigError(f"{where}: experiment.suite_threshold must be in (0, 1], got {ex.suite_threshold}")
 
 
 def check_capacity(cfg: Config, lengths: list[int], where: str, what: str = "experiment.lengths") -> None:

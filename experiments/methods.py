@@ -16,9 +16,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-from fot.eval import passkey
+from fot.eval import passkey, report, suite
 
 RETRIEVALS = ("dense", "knn", "ivf")
 ROPES = tuple(n for n in passkey.ROPE_NAMES if n != "none")
@@ -66,12 +67,14 @@ def parse_method(spec: str) -> Method:
 
 
 def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack_size: int, trials: int,
-             depths, seed: int, distractors: Sequence[int] = (), training_seed: int | None = None,
-             progress: bool = True) -> tuple[list[dict], dict]:
+             depths, seed: int, distractors: Sequence[int] = (), suite_tasks: Sequence = (),
+             training_seed: int | None = None, progress: bool = True) -> tuple[list[dict], dict]:
     """Passkey trials of one method on its loaded model, each trial recording the RoPE scaling and
     local window it ran with and the training seed; with `distractors`, a method with memory also
     runs the named-key multi-document task (the filler after the asked document is 2 windows long,
-    so the asked key is in memory too). Returns the trials and the method's settings for results.json."""
+    so the asked key is in memory too); with `suite_tasks` (fot.data.tasks), the RULER-style
+    tasks at the same lengths, trials and seed (trials whose "task" is the task's spec). Returns the
+    trials and the method's settings for results.json."""
     if method.memory:
         win = window if method.rope is None else int(window * (method.factor or pack_size))
         # No factor in the spec: prepare() scales max_position_embeddings to the window.
@@ -88,6 +91,8 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
     for gen, ns in runs:
         rope = gen.model.config.model.rope_scaling
         got = passkey.run_passkey(gen, ns, trials, depths, seed, method.spec, progress, until_wrong=True)
+        if suite_tasks:
+            got += suite.run_suite(gen, suite_tasks, ns, trials, depths, seed, method.spec, progress=progress)
         if method.memory and distractors:  # one run (all lengths) per memory method
             got += passkey.run_multidoc(gen, distractors, trials, seed, passkey.prompts.named_tail(window), method.spec,
                                         progress)
@@ -97,3 +102,16 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
             "knn_k": model.config.memory.knn_k if method.retrieval == "knn" else None, "window": win,
             "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out if t["task"] == "passkey"}}
     return out, info
+
+
+def write_reports(out: Path, trials: Sequence[dict], meta: dict, name: str, threshold: float) -> dict[str, Path]:
+    """results.json/md and the plots of passkey and the named task in `out` (fot.eval.report);
+    when suite tasks ran, their report in out/suite (fot.eval.suite, effective lengths at
+    `threshold`)."""
+    paths = report.write_accuracy_report(out, trials, meta, name=name)
+    tasks = [t for t in trials if t.get("task", "passkey") not in ("passkey", "named")]
+    if tasks:
+        got = suite.write_suite_report(out / "suite", tasks, meta, name=f"{name}: RULER-style suite",
+                                       threshold=threshold)
+        paths.update({f"suite_{k}": v for k, v in got.items()})
+    return paths

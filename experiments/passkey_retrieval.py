@@ -32,7 +32,7 @@ from pathlib import Path
 from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
 
 from experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
-from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method
+from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method, write_reports
 from experiments.provenance import run_meta
 from experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
 
@@ -149,7 +149,6 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
     """Train what the methods need (or only `train_only` and what they start from) for training seed
     `seed` in out/runs, then evaluate every method into out (nothing with train_only)."""
     from fot.convert import load_model
-    from fot.eval import report
 
     cfgs, methods = plan(ef, out, seed)
     ex = ef.experiment
@@ -185,10 +184,10 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
         got, info = evaluate(m, models[m.model], lengths, window=window, pack_size=fot_cfg.train.pack_size,
                              trials=ex.trials, depths=ex.depths, seed=ex.seed,
                              distractors=ex.distractors if m.spec in (ex.named_methods or specs) else (),
-                             training_seed=seed, progress=progress)
+                             suite_tasks=ex.suite_tasks(), training_seed=seed, progress=progress)
         trials += got
         meta["methods"][m.spec] = info
-        paths = report.write_accuracy_report(out, trials, meta, name=f"passkey retrieval: {ef.name}")
+        paths = write_reports(out, trials, meta, f"passkey retrieval: {ef.name}", ex.suite_threshold)
     return paths
 
 
@@ -212,8 +211,8 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
     meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ef.experiment),
             "seeds": seeds}
-    return report.write_accuracy_report(out, trials, meta, name=f"passkey retrieval: {ef.name}, "
-                                                                  f"training seeds {', '.join(seeds)}")
+    return write_reports(out, trials, meta, f"passkey retrieval: {ef.name}, training seeds {', '.join(seeds)}",
+                         ef.experiment.suite_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from typing import Any
 from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
 
 from experiments.config import ExperimentFile, check_capacity, load_experiment
+from experiments.methods import write_reports
 from experiments.provenance import run_meta
 from experiments.training import Interrupted, check_same_run, ensure_trained
 
@@ -169,7 +170,7 @@ def evaluate_cell(cell: Cell, final: str, ef: ExperimentFile, progress: bool) ->
     also the named-key task at experiment.distractors): the method's name, the evaluated model's
     config and the trials, each with the cell's training seed."""
     from fot.convert import load_model
-    from fot.eval import passkey
+    from fot.eval import passkey, suite
 
     model = load_model(final, **cell.eval_overrides)
     memory = bool(model.config.memory.layers)
@@ -178,6 +179,9 @@ def evaluate_cell(cell: Cell, final: str, ef: ExperimentFile, progress: bool) ->
     ex = ef.experiment
     trials = passkey.run_passkey(gen, ex.token_lengths(), ex.trials, ex.depths, ex.seed, cell.name, progress,
                                  until_wrong=True)
+    if ex.suite:
+        trials += suite.run_suite(gen, ex.suite_tasks(), ex.token_lengths(), ex.trials, ex.depths, ex.seed,
+                                  cell.name, progress=progress)
     if memory and ex.distractors:
         trials += passkey.run_multidoc(gen, ex.distractors, ex.trials, ex.seed, passkey.prompts.named_tail(window),
                                        cell.name, progress)
@@ -203,7 +207,7 @@ def run_task(ef: ExperimentFile, out: Path, task_index: int = 0, num_tasks: int 
             trained[cell.train_name] = ensure_trained(cell.config, progress)
         training = trained[cell.train_name]
         method, config, trials = evaluate_cell(cell, training["final"], ef, progress)
-        acc = report.accuracy_by(trials, "length")
+        acc = report.accuracy_by([t for t in trials if t.get("task", "passkey") == "passkey"], "length")
         report.write_json(result_path(out, cell), {
             "cell": cell.name, "index": cell.index, "overrides": cell.overrides,
             "train_run": cell.train_name, "training": training, "method": method,
@@ -237,7 +241,7 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
                       if c.name in results]}
     if not trials:
         raise ConfigError(f"{out}: no cell has a result yet")
-    paths = report.write_accuracy_report(out, trials, meta, name=f"sweep {ef.name}")
+    paths = write_reports(out, trials, meta, f"sweep {ef.name}", ef.experiment.suite_threshold)
     losses = [[c.name, results[c.name]["training"]["final_loss"] if c.name in results else float("nan")]
               for c in cells]
     note = f"\n{len(missing)} of {len(cells)} cells have no result yet: {', '.join(missing)}\n" if missing else ""

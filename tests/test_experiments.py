@@ -282,3 +282,18 @@ def test_passkey_retrieval_end_to_end(tmp_path, monkeypatch):
                                    "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["training"]["fot"]["trained"] is False and np.isfinite(data["training"]["fot"]["final_loss"])
+
+    # The RULER-style suite beside passkey: the same lengths, trials and seed, its own report.
+    assert passkey_retrieval.main([str(path), "experiment.methods=[fot-dense+linear]", "experiment.lengths=[512]",
+                                   "experiment.suite=[vt, niah_multikey]", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((t["task"], t["length"]) for t in data["trials"]) == [
+        ("niah_multikey", 512), ("passkey", 512), ("vt", 512)]
+    suite_md = (out / "suite" / "results.md").read_text()
+    assert "## fot-dense+linear" in suite_md and "| vt |" in suite_md and "| niah_multikey |" in suite_md
+    assert "| passkey |" not in suite_md and (out / "suite" / "score.png").is_file()
+
+
+def test_unknown_suite_task_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"experiment.suite: unknown task 'nope'"):
+        load_experiment(write_config(tmp_path, experiment={"suite": ["nope"]}))
