@@ -237,13 +237,15 @@ class Session:
             targets = np.zeros_like(ids)
         fresh = self.tokens_read == 0
         prefix = max(n_tok - self.last_context_length, 0) if fresh else 0
+        pieces = ([(self._window, i, min(i + self.window, prefix)) for i in range(0, prefix, self.window)]
+                  + [(self._local, i, min(i + self.piece, n_tok)) for i in range(prefix, n_tok, self.piece)])
         outs = []
-        for i in range(0, prefix, self.window):
-            j = min(i + self.window, prefix)
-            outs.append(self._window(ids[:, i:j], targets[:, i:j], out))
-        for i in range(prefix, n_tok, self.piece):
-            j = min(i + self.piece, n_tok)
-            outs.append(self._local(ids[:, i:j], targets[:, i:j], out))
+        for step, i, j in pieces:
+            # "last" needs the final piece's output only: the others run as "none", where XLA also
+            # drops the work nothing kept depends on (the last memory layer's retrieval in a window,
+            # the head), so generating after a long prompt costs what build_memory does.
+            keep = out != "last" or j == n_tok
+            outs.append(step(ids[:, i:j], targets[:, i:j], out if keep else "none"))
         if out == "none":
             return None
         if out == "last":
@@ -270,7 +272,8 @@ class Session:
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz")
         s, f, c = self.memory.state, self.memory.filled, self.cache_len
-        arrays = {"keys": s.keys[:, :, :, :f], "values": s.values[:, :, :, :f], "valid": s.valid[:, :, :f],
+        arrays = {"keys": memlib.decode(s.keys[:, :, :, :f]), "values": memlib.decode(s.values[:, :, :, :f]),
+                  "valid": s.valid[:, :, :f],
                   "cache_k": self.cache.k[:, :, :c], "cache_v": self.cache.v[:, :, :c]}
         meta = {"fingerprint": fingerprint(self.model), "filled": f, "cache_len": c,
                 "window": self.window, "last_context_length": self.last_context_length,
@@ -301,7 +304,7 @@ class Session:
             raise ValueError(f"{path}: holds {f} memory tokens, more than memory.capacity="
                              f"{s.memory.capacity}")
         st = s.memory.state
-        put = lambda buf, a: jax.lax.dynamic_update_slice(buf, jnp.asarray(a, buf.dtype),
+        put = lambda buf, a: jax.lax.dynamic_update_slice(buf, memlib.encode(jnp.asarray(a), buf.dtype),
                                                            (0,) * buf.ndim)
         s.memory.set_state(memlib.MemoryState(put(st.keys, arrays["keys"]), put(st.values, arrays["values"]),
                                               put(st.valid, arrays["valid"]), jnp.int32(f)))

@@ -1,13 +1,16 @@
 """Long-input inference, generation and saved memory against a float64 NumPy LongLLaMA reference."""
 
+import json
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fot.api import FotModel
 from fot.config import config_from_dict
 from fot.inference import Session, logprobs_long
+from fot.model import memory as memlib
 from fot.model.memory import MemoryCapacityError
 from tests.longllama_ref import LongLlamaRef
 
@@ -15,12 +18,12 @@ W, LCL, V = 16, 8, 64
 
 
 def tiny(positionals=True, retrieval="dense", layers=(1,), capacity=512, on_full="error", knn_k=128,
-         seed=0, **model):
+         seed=0, mem_dtype="float32", **model):
     cfg = config_from_dict({
         "model": {**dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=W),
                   **model},
-        "memory": dict(layers=list(layers), positionals=positionals, dtype="float32",
+        "memory": dict(layers=list(layers), positionals=positionals, dtype=mem_dtype,
                        last_context_length=LCL, capacity=capacity, on_full=on_full,
                        retrieval=retrieval, knn_k=knn_k)})
     return FotModel.random(cfg, seed=seed)
@@ -116,6 +119,27 @@ def test_generation_steps_match_reference_including_cache_move():
     assert streamed == tokens
 
 
+@pytest.mark.parametrize("layers,dtype", [((2,), "float32"), ((1,), "bfloat16")])
+def test_generate_after_long_prompt_equals_reading_every_logit(layers, dtype):
+    """generate() reads the prompt's windows without outputs (XLA then drops the work only they
+    needed: the head, and in a window the last memory layer's retrieval); the same tokens as the
+    straightforward path, which keeps the logits of every piece."""
+    model = tiny(layers=layers, mem_dtype=dtype)
+    ids = ids_of(5 * W + 3, batch=2, seed=21)
+    s = Session(model, 2)
+    logits = np.asarray(s.feed(ids))[:, -1]
+    tokens = []
+    for _ in range(12):  # crosses a cache move into memory
+        tok = logits.argmax(-1)
+        tokens.append(tok)
+        logits = np.asarray(s.feed(tok[:, None]))[:, -1]
+    assert model.generate(ids, 12, stop_at_eos=False).tolist() == np.stack(tokens, 1).tolist()
+    fast = Session(model, 2)
+    last = np.asarray(fast.feed(ids, out="last"))
+    assert np.abs(last - np.asarray(Session(model, 2).feed(ids))[:, -1]).max() <= 1e-5
+    assert fast.memory.filled == ids.shape[1] - LCL and fast.tokens_read == ids.shape[1]
+
+
 def test_generation_without_memory_layers_drops_the_cache():
     model = tiny(layers=())
     ids = ids_of(W - 2, seed=15)
@@ -136,8 +160,9 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     assert (model.generate(ids, 6, temperature=1.0, top_p=1e-9, seed=2) == model.generate(ids, 6)).all()
 
 
-def test_saved_memory_round_trip_and_reuse(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
+def test_saved_memory_round_trip_and_reuse(tmp_path, mem_dtype):
+    model = tiny(mem_dtype=mem_dtype)
     doc, question = ids_of(4 * W + 2, seed=10), ids_of(5, seed=11)
     mem = model.build_memory(doc)
     want = model.generate(question, 10, memory=mem)
@@ -146,6 +171,12 @@ def test_saved_memory_round_trip_and_reuse(tmp_path):
     loaded = model.load_memory(path)
     assert loaded.memory.filled == mem.memory.filled and loaded.cache_len == mem.cache_len
     assert (want == again).all() and (model.generate(question, 10, memory=loaded) == want).all()
+    with np.load(path) as z:  # saved as the memory dtype's values, not as the stored bit patterns
+        meta = json.loads(bytes(z["meta"]).decode())
+        n = mem.memory.filled
+        saved = np.asarray(z["keys"]).view(jnp.bfloat16) if mem_dtype == "bfloat16" else z["keys"]
+        assert meta["dtypes"]["keys"] == mem_dtype
+        assert (saved == np.asarray(memlib.decode(mem.memory.state.keys[:, :, :, :n]))).all()
 
 
 def test_saved_memory_from_another_model_is_refused(tmp_path):

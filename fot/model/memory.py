@@ -5,7 +5,11 @@ score block is one GEMM) in `memory.dtype`, validity [M, B, A], and one fill cou
 layers and rows (they all store the same tokens). A, the allocated slots, is the capacity plus room
 for one write, rounded up to the retrieval blocks, so a write is always a `dynamic_update_slice` at
 the fill count: the jitted steps never change shape and never recompile as the memory grows. Padded
-rows of a ragged write are invalid and overwritten by the next write.
+rows of a ragged write are invalid and overwritten by the next write. A 16-bit float memory is stored
+as its bit patterns (`encode`/`decode`, uint16 for bf16, int16 for f16): XLA:CPU runs a bf16/f16
+slice, gather or update by converting the WHOLE buffer to float32 first, which made every generated
+token and every window's write cost O(capacity); integer buffers are sliced as they are, and only
+the block read is widened.
 
 Retrieval returns an `attention.Partial` (float32; scores scaled by 1/sqrt(head_dim), masked by
 validity) that `attention.attend` merges with the local window in ONE softmax. Dense and exact kNN
@@ -39,6 +43,8 @@ from fot.model.blockwise import merge
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BITS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
+FLOATS = {v: k for k, v in BITS.items()}  # storage dtype -> the float it holds
 BLOCK = 1024  # memory keys per dense block (bounds the [H, T, block] score buffer)
 TOPK_BLOCK = 16384  # exact top-k: XLA's CPU top_k costs ~10 ms a call plus ~1.5 ns a score, so big blocks
 IVF_ITERS = 6  # Lloyd iterations
@@ -58,7 +64,7 @@ class MemoryCache(nnx.Variable):
 class MemoryState(NamedTuple):
     """The pure arrays a jitted step reads and writes (M memory layers stacked first)."""
 
-    keys: jax.Array  # [M, B, K, A, D] keys rotated at position 0 (or unrotated), memory dtype
+    keys: jax.Array  # [M, B, K, A, D] keys rotated at position 0 (or unrotated), stored (`encode`)
     values: jax.Array  # [M, B, K, A, D]
     valid: jax.Array  # [M, B, A] bool
     count: jax.Array  # [] int32, slots written
@@ -72,7 +78,7 @@ class IVFIndex(NamedTuple):
     starts: jax.Array  # [M, B, K, L] int32 first sorted slot of each list
     sizes: jax.Array  # [M, B, K, L] int32 (0: unused list)
     order: jax.Array  # [M, B, K, A + cap] int32 memory slot of each sorted slot (padded with 0)
-    sorted_keys: jax.Array  # [M, B, K, A + cap, D] memory dtype, keys in sorted order (zero padded)
+    sorted_keys: jax.Array  # [M, B, K, A + cap, D] stored keys in sorted order (zero padded)
     indexed: jax.Array  # [] int32, slots [0, indexed) are in the index
 
 
@@ -98,7 +104,7 @@ class Memory(nnx.Module):
         self.max_write = max_write
         a = allocated_slots(mem.capacity, max_write)
         m, k, d = len(mem.layers), model.kv_heads, model.dim_per_head
-        dt = DTYPES[mem.dtype]
+        dt = BITS.get(jnp.dtype(DTYPES[mem.dtype]), DTYPES[mem.dtype])
         self.keys = MemoryCache(jnp.zeros((m, batch, k, a, d), dt))
         self.values = MemoryCache(jnp.zeros((m, batch, k, a, d), dt))
         self.valid = MemoryCache(jnp.zeros((m, batch, a), bool))
@@ -152,12 +158,25 @@ def _drop_oldest(s: MemoryState, n: int) -> MemoryState:
     return MemoryState(jnp.roll(s.keys, -n, axis=3), jnp.roll(s.values, -n, axis=3), valid, count)
 
 
+def encode(x: jax.Array, stored: jnp.dtype) -> jax.Array:
+    """x as the memory stores it in a buffer of dtype `stored` (see the module docstring)."""
+    stored = jnp.dtype(stored)
+    if stored in FLOATS:
+        return jax.lax.bitcast_convert_type(x.astype(FLOATS[stored]), stored)
+    return x.astype(stored)
+
+
+def decode(a: jax.Array) -> jax.Array:
+    """Stored memory -> its values in `memory.dtype`."""
+    return jax.lax.bitcast_convert_type(a, FLOATS[a.dtype]) if a.dtype in FLOATS else a
+
+
 def write(s: MemoryState, k: jax.Array, v: jax.Array, n_valid: jax.Array) -> MemoryState:
     """Append [M, B, S, K, D] keys/values (first n_valid of S real) at the fill count."""
     m, b, s_len = k.shape[:3]
     new_valid = jnp.broadcast_to(jnp.arange(s_len) < n_valid, (m, b, s_len))
     at = (0, 0, 0, s.count, 0)
-    put = lambda buf, x: jax.lax.dynamic_update_slice(buf, jnp.swapaxes(x, 2, 3).astype(buf.dtype), at)
+    put = lambda buf, x: jax.lax.dynamic_update_slice(buf, encode(jnp.swapaxes(x, 2, 3), buf.dtype), at)
     return MemoryState(put(s.keys, k), put(s.values, v),
                        jax.lax.dynamic_update_slice(s.valid, new_valid, (0, 0, s.count)),
                        s.count + n_valid.astype(jnp.int32))
@@ -192,7 +211,7 @@ def _block(a: jax.Array, i: jax.Array, size: int, axis: int) -> jax.Array:
 
 
 def _f32(a: jax.Array) -> jax.Array:
-    return a.astype(jnp.float32)
+    return decode(a).astype(jnp.float32)
 
 
 def _block_scores(qh, keys, valid, i, size):
@@ -304,7 +323,7 @@ def build_ivf(x: jax.Array, n: jax.Array, clusters: int, key: jax.Array, size: i
     however unbalanced k-means came out. Returns (list centroids [L, D], starts [L], sizes [L],
     order [A]) with L = clusters + A // size lists (unused ones have size 0)."""
     a = x.shape[0]
-    xf = x.astype(jnp.float32)
+    xf = _f32(x)
     c = kmeans(xf, n, clusters, key)
     # assigned 4096 rows at a time: the [A, C] distance matrix of a big memory would not fit
     near = jax.lax.map(lambda row: nearest(row[None], c)[0], xf, batch_size=4096)
@@ -373,7 +392,7 @@ def ivf_search(q: jax.Array, centroids: jax.Array, starts: jax.Array, sizes: jax
         st, sz = starts[cl], sizes[cl]
         take = lambda a: jax.vmap(jax.vmap(lambda s0: jax.lax.dynamic_slice_in_dim(a, s0, cap)))(st)
         rows, ids = take(sorted_keys), take(order)  # [c, P, cap, D], [c, P, cap]
-        s = jnp.einsum("cd,cpsd->cps", qc, rows.astype(jnp.float32))
+        s = jnp.einsum("cd,cpsd->cps", qc, _f32(rows))
         s = jnp.where(jnp.arange(cap) < sz[..., None], s, NEG_INF).reshape(qc.shape[0], -1)
         top_s, pos = jax.lax.top_k(s, kk)
         return top_s, jnp.take_along_axis(ids.reshape(qc.shape[0], -1), pos, axis=-1)
