@@ -32,6 +32,15 @@ class FotModel:
     def random(cls, config: Config, seed: int = 0, tokenizer: Tokenizer | None = None) -> "FotModel":
         return cls(config, init_model(config.model, config.memory, seed), tokenizer)
 
+    @classmethod
+    def from_params(cls, config: Config, params: dict, tokenizer: Tokenizer | None = None) -> "FotModel":
+        """The model of `config` with these parameters (a nested dict in the checkpoint layout)."""
+        graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: Llama(config.model, config.memory,
+                                                                       rngs=nnx.Rngs(0))), nnx.Param, ...)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype),
+                                                     state.to_pure_dict(), params))
+        return cls(config, nnx.merge(graphdef, state, rest), tokenizer)
+
     def check_ids(self, input_ids) -> jax.Array:
         """[B, T] or [T] int array -> [B, T] int32, with a clear error for bad ids."""
         ids = np.asarray(input_ids)

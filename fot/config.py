@@ -52,6 +52,49 @@ def check_range(where: str, section: str, obj: Any, positive: tuple[str, ...] = 
             raise ConfigError(f"{where}: {section}.{name} must be a finite number {what}, got {value}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections `<name>_proj`
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (fot/model/lora.py): W x + (alpha / rank) B A x on the `targets` projections
+    of every layer, with only the adapters trained (and, LongLoRA's "LoRA+", the embeddings and
+    RMSNorm weights when asked). rank 0 = no adapters, every parameter trained."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    train_embeddings: bool = False
+    train_norms: bool = False
+
+    def validate(self, where: str, model: "ModelConfig") -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{where}: model.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ConfigError(f"{where}: model.lora.targets has {t!r}, not one of {list(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{where}: model.lora.targets has duplicates: {list(self.targets)}")
+        if not self.rank:
+            for name in ("train_embeddings", "train_norms"):
+                if getattr(self, name):
+                    raise ConfigError(f"{where}: model.lora.{name} needs model.lora.rank > 0 "
+                                      f"(without LoRA every parameter is trained)")
+            return
+        check_range(where, "model.lora", self, positive=("alpha",), beta=("dropout",))
+        if not self.targets:
+            raise ConfigError(f"{where}: model.lora.targets is empty")
+        e, f = model.hidden_size, model.intermediate_size
+        q, kv = model.num_attention_heads * model.dim_per_head, model.kv_heads * model.dim_per_head
+        sizes = {"q": (e, q), "k": (e, kv), "v": (e, kv), "o": (q, e), "gate": (e, f), "up": (e, f),
+                 "down": (f, e)}
+        for t in self.targets:
+            if self.rank > min(sizes[t]):
+                raise ConfigError(f"{where}: model.lora.rank={self.rank} exceeds the {t}_proj matrix "
+                                  f"{sizes[t][0]}x{sizes[t][1]}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The LLaMA decoder (names follow Hugging Face's LlamaConfig)."""
@@ -83,6 +126,7 @@ class ModelConfig:
     attention: Literal["auto", "plain", "blockwise", "cudnn"] = "auto"
     blockwise_threshold: int = 4096
     attention_block_size: int = 512
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict) and not isinstance(self.rope_scaling, HashableDict):
@@ -117,6 +161,7 @@ class ModelConfig:
             from fot.model.rope import validate_rope_scaling
 
             validate_rope_scaling(self.rope_scaling, self.dim_per_head, where)
+        self.lora.validate(where, self)
 
 
 @dataclass(frozen=True)

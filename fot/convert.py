@@ -6,6 +6,10 @@ name) or a fot checkpoint directory (fot/checkpoint.py). `export_hf` writes a di
 
     python -m fot.convert import-hf SRC DST [--dtype D] [--overwrite] [key=value ...]
     python -m fot.convert export-hf SRC DST [--format llama|longllama] [--overwrite]
+    python -m fot.convert export-peft SRC DST [--overwrite]           # LoRA adapters -> PEFT directory
+    python -m fot.convert import-peft BASE ADAPTER DST [--overwrite]  # base + PEFT adapter -> fot
+    python -m fot.convert merge-lora SRC DST [--overwrite]            # adapters folded into the weights
+    python -m fot.convert extract-lora TUNED BASE DST --rank R [--targets q,k,v,o] [--alpha A]
 
 Every failure caused by the input (missing files, unsupported model, a shape or key that disagrees)
 is a one-line `ConfigError` / `CheckpointError` naming the file and the key or tensor; the CLI prints
@@ -474,13 +478,45 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--format", choices=list(MODEL_TYPES), default=None,
                      help="default: longllama when the model has memory layers, else llama")
     exp.add_argument("--overwrite", action="store_true")
+    lora_cmds = {"export-peft": "fot checkpoint with LoRA adapters -> PEFT adapter directory",
+                 "import-peft": "base model (HF or fot) + PEFT LoRA adapter directory -> fot checkpoint",
+                 "merge-lora": "fot checkpoint with LoRA adapters -> plain fot checkpoint, adapters merged",
+                 "extract-lora": "fine-tuned + base model -> base with the rank-R adapter closest to "
+                                 "their difference (truncated SVD); prints the error per matrix"}
+    for name, text in lora_cmds.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("src", help="the fine-tuned model" if name == "extract-lora" else
+                       "the base model" if name == "import-peft" else "the model")
+        if name in ("import-peft", "extract-lora"):
+            p.add_argument("other", help="the PEFT adapter directory" if name == "import-peft" else "the base model")
+        p.add_argument("dst")
+        if name == "extract-lora":
+            p.add_argument("--rank", type=int, required=True)
+            p.add_argument("--targets", default="q,k,v,o", help="comma-separated projections (default q,k,v,o)")
+            p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+        p.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "import-hf":
             model = load_model(args.src, args.dtype, **_cli_overrides(args.overrides))
             save_model(model, args.dst, overwrite=args.overwrite)
-        else:
+        elif args.cmd == "export-hf":
             export_hf(load_model(args.src), args.dst, args.format, overwrite=args.overwrite)
+        else:
+            from fot import lora
+
+            if args.cmd == "export-peft":
+                lora.export_peft(load_model(args.src), args.dst, overwrite=args.overwrite)
+            elif args.cmd == "import-peft":
+                save_model(lora.import_peft(load_model(args.src), args.other), args.dst, overwrite=args.overwrite)
+            elif args.cmd == "merge-lora":
+                save_model(lora.merge(load_model(args.src)), args.dst, overwrite=args.overwrite)
+            else:
+                model, errors = lora.extract(load_model(args.src), load_model(args.other), args.rank,
+                                             tuple(args.targets.split(",")), args.alpha)
+                for name, err in errors.items():
+                    print(f"{name}: relative error {err:.3g}")
+                save_model(model, args.dst, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         return 1

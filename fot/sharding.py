@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "lora_rank": None,  # LoRA A [in, rank] / B [rank, out]: in and out are named as in their kernel
     # activations and batches
     "batch": BATCH_AXES,
     "length": "sequence",

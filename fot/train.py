@@ -36,6 +36,13 @@ run. A config that trains differently from the run's (fot.config.trajectory_chan
 unless `--accept-changes`. SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the
 run with a checkpoint of the last good step (the step that produced it is not applied).
 
+LoRA (`model.lora.rank` > 0, fot/model/lora.py): the step differentiates only the trainable
+parameters (the adapters, and with LoRA+ the embeddings and norms), the optimizer state exists for
+those alone, and the frozen base weights pass through the step unchanged; checkpoints and final/
+hold all parameters (final/ loads as base + adapters). `train.init_from` a model without adapters
+starts new ones (B = 0) on its weights: continued pre-training of an existing checkpoint. Dropout
+masks (model.lora.dropout) come from train.seed, the optimizer's step count and the micro-batch.
+
 MFU = tokens/s x model FLOPs per token / (peak FLOP/s per device x devices), with FLOPs per token
 from `fot.flops.train_flops_per_token` (3 x (2 x matmul weights + attention 4*H*D per visible key
 per layer, counting the (T+1)/2 mean causal keys and, in memory layers, T keys per crossbatch
@@ -61,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
@@ -71,6 +78,7 @@ from fot.checkpoint import (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, CheckpointEr
 from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
 from fot.metrics import TensorBoard, keep_steps_up_to, progress_bar
 from fot.model.crossbatch import crossbatch_memory
+from fot.model import lora
 from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
@@ -109,14 +117,23 @@ def _scoped(fn, name: str):
     return scoped
 
 
-def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, param_shardings):
-    """The train step on (state, batch), batch arrays [grad_accum, batch_size / grad_accum, T]."""
+def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, train_shardings):
+    """The train step on (state, batch), batch arrays [grad_accum, batch_size / grad_accum, T].
+    train_shardings: those of the trainable parameters (all of them without LoRA)."""
     tr = cfg.train
+    trainable = lambda path: lora.is_trainable(cfg.model.lora, path)
     # FSDP: each micro-batch's gradients leave reduce-scattered onto the parameters' shards.
-    pin = lambda tree: jax.lax.with_sharding_constraint(tree, param_shardings)
+    pin = lambda tree: jax.lax.with_sharding_constraint(tree, train_shardings)
 
-    def loss_sum(params, batch):
-        module = nnx.merge(graphdef, params, rest)
+    def dropout_key(opt_state, micro):
+        # Fresh masks every step (the step count is in the optimizer state, so a resume repeats
+        # them) and every micro-batch; unused, and so compiled away, without LoRA dropout.
+        (_, count), *_ = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(tr.seed), count), micro)
+
+    def loss_sum(train_params, frozen, batch, key):
+        module = nnx.merge(graphdef, lora.join(train_params, frozen), rest)
+        lora.set_dropout_keys(module, key)
         logits = forward(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping,
                          batch.get("doc_ids"))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -127,23 +144,26 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, par
 
     def step(state, batch):
         params, opt_state = state["params"], state["opt_state"]
+        train_params, frozen = lora.partition(params, trainable)
         if tr.grad_accum == 1:
-            (s, n), grads = grad_fn(params, jax.tree.map(lambda a: a[0], batch))
+            (s, n), grads = grad_fn(train_params, frozen, jax.tree.map(lambda a: a[0], batch),
+                                    dropout_key(opt_state, 0))
             grads = pin(grads)
         else:
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, s_acc, n_acc = carry
-                (s, n), g = grad_fn(params, mb)
+                mb, i = xs
+                (s, n), g = grad_fn(train_params, frozen, mb, dropout_key(opt_state, i))
                 return (pin(jax.tree.map(jnp.add, g_acc, g)), s_acc + s, n_acc + n), None
 
-            zeros = pin(jax.tree.map(jnp.zeros_like, params))
-            (grads, s, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), batch)
+            zeros = pin(jax.tree.map(jnp.zeros_like, train_params))
+            (grads, s, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (batch, jnp.arange(tr.grad_accum)))
         n = jnp.maximum(n, 1.0)
         loss = s / n
         grads = jax.tree.map(lambda g: g / n, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        updates, new_opt = tx.update(grads, opt_state, train_params)
+        new_params = lora.join(optax.apply_updates(train_params, updates), frozen)
         # A non-finite loss halts the run on device: this and every later step leave the state
         # as it was, so what the host saves when it notices is the last good state.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state["halted"]
@@ -169,14 +189,15 @@ class StepPlan:
             self.micro, mesh, tr.cross_batch_range,
             "train.batch_size" if self.accum == 1 else
             f"the micro-batch (train.batch_size={tr.batch_size} / train.grad_accum={self.accum})")
-        model_fn = lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(tr.seed))
-        self._params_fn = lambda: nnx.state(model_fn(), nnx.Param)
-        self.graphdef, _, self.rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
-        params = sharding.abstract_state(self._params_fn, mesh).to_pure_dict()
+        self._model_fn = lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(tr.seed))
+        self.graphdef, _, self.rest = nnx.split(nnx.eval_shape(self._model_fn), nnx.Param, ...)
+        params = sharding.abstract_state(lambda: nnx.state(self._model_fn(), nnx.Param), mesh).to_pure_dict()
         param_sh = jax.tree.map(lambda a: a.sharding, params)
+        self.trainable = lambda path: lora.is_trainable(cfg.model.lora, path)
+        train_sh, _ = lora.partition(param_sh, self.trainable)
         self.tx = make_optimizer(tr)
-        opt = jax.eval_shape(self.tx.init, params)
-        opt_sh = sharding.optimizer_shardings(self.tx, opt, param_sh, mesh)
+        opt = jax.eval_shape(self.tx.init, lora.partition(params, self.trainable)[0])
+        opt_sh = sharding.optimizer_shardings(self.tx, opt, train_sh, mesh)
         self.replicated = NamedSharding(mesh, P())
         self.shardings = {"params": param_sh, "opt_state": opt_sh, "halted": self.replicated}
         with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -188,7 +209,7 @@ class StepPlan:
             k: jax.ShapeDtypeStruct((self.accum, self.micro, self.window),
                                     jnp.float32 if k == "loss_mask" else jnp.int32,
                                     sharding=self.batch_sharding) for k in self.batch_keys}
-        step = make_step(self.graphdef, self.rest, self.tx, cfg, param_sh)
+        step = make_step(self.graphdef, self.rest, self.tx, cfg, train_sh)
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                             out_shardings=(self.shardings, self.replicated), donate_argnums=0)
         self.rows = sharding.local_batch_rows(mesh, self.micro)
@@ -201,13 +222,16 @@ class StepPlan:
         at = {s: i for i, s in enumerate(self.slots)}
         self._take = np.vectorize(lambda g: at[g // k] * k + g % k, otypes=[np.int64])(glob)
 
-    def random_params(self) -> dict:
-        """Parameters initialised from train.seed, each created directly in its shards."""
-        return sharding.init_sharded(self._params_fn, self.mesh).to_pure_dict()
+    def random_params(self, kind: type[nnx.Variable] = nnx.Param) -> dict:
+        """Parameters (or those of a kind, e.g. nnx.LoRAParam) initialised from train.seed, each
+        created directly in its shards."""
+        return sharding.init_sharded(lambda: nnx.state(self._model_fn(), kind), self.mesh).to_pure_dict()
 
     def init_state(self, params: dict) -> dict:
-        """The step's state for parameters on the mesh: a fresh optimizer state beside them."""
-        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
+        """The step's state for parameters on the mesh: a fresh optimizer state beside them (for
+        the trainable ones)."""
+        init = lambda p: self.tx.init(lora.partition(p, self.trainable)[0])
+        opt_state = jax.jit(init, out_shardings=self.shardings["opt_state"])(params)
         return {"params": params, "opt_state": opt_state, "halted": self.not_halted()}
 
     def not_halted(self) -> jax.Array:
@@ -229,8 +253,11 @@ class StepPlan:
         local = {key: batch[key][self._take] for key in self.batch_keys}
         return sharding.shard_batch(local, self.mesh, micro=True)
 
-    def param_count(self) -> int:
-        return sum(math.prod(a.shape) for a in jax.tree.leaves(self.abstract["params"]))
+    def param_count(self, trainable_only: bool = False) -> int:
+        params = self.abstract["params"]
+        if trainable_only:
+            params = lora.partition(params, self.trainable)[0]
+        return sum(math.prod(a.shape) for a in jax.tree.leaves(params))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +266,8 @@ class StepPlan:
 
 def _init_params(cfg: Config, plan: StepPlan) -> dict:
     """Initial parameters on the mesh: from train.init_from (HF dir / hub name, or fot
-    checkpoint), or random, created directly in their shards."""
+    checkpoint), or random, created directly in their shards. LoRA adapters that init_from lacks
+    start fresh (B = 0, so the model starts as init_from's)."""
     tr = cfg.train
     abstract_params = plan.abstract["params"]
     if tr.init_from is None:
@@ -247,19 +275,25 @@ def _init_params(cfg: Config, plan: StepPlan) -> dict:
     from fot.convert import load_model
 
     loaded = load_model(tr.init_from)
-    got = nnx.state(loaded.module, nnx.Param).to_pure_dict()
-    want_flat = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
-    got_flat = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-    for path, leaf in want_flat.items():
-        name = jax.tree_util.keystr(path)
-        if path not in got_flat:
+    want = traverse_util.flatten_dict(abstract_params)
+    got = traverse_util.flatten_dict(nnx.state(loaded.module, nnx.Param).to_pure_dict())
+    if any(lora.is_lora(path) for path in want.keys() - got.keys()):
+        got.update(traverse_util.flatten_dict(plan.random_params(nnx.LoRAParam)))
+    for path, leaf in want.items():
+        name = "/".join(path)
+        if path not in got:
             raise TrainError(f"train.init_from={tr.init_from!r} has no parameter {name}, which "
                              f"this config needs")
-        if got_flat[path].shape != leaf.shape:
+        if got[path].shape != leaf.shape:
             raise TrainError(f"train.init_from={tr.init_from!r}: parameter {name} has shape "
-                             f"{got_flat[path].shape}, this config's model implies {leaf.shape}")
-    return jax.tree.map(lambda w, a: jax.device_put(np.asarray(w, a.dtype), a.sharding), got,
-                        abstract_params)
+                             f"{got[path].shape}, this config's model implies {leaf.shape}")
+    extra = sorted(got.keys() - want.keys())
+    if extra:  # e.g. the adapters of a LoRA run, which this config would silently drop
+        hint = " (merge its LoRA adapters first: python -m fot.convert merge-lora)" * lora.is_lora(extra[0])
+        raise TrainError(f"train.init_from={tr.init_from!r} has parameter {'/'.join(extra[0])}, which "
+                         f"this config lacks{hint}")
+    return traverse_util.unflatten_dict(
+        {p: jax.device_put(np.asarray(got[p], a.dtype), a.sharding) for p, a in want.items()})
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -648,6 +682,15 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
                 data_state.pop(pending[0] - 1, None)
             pending = (step, metrics)
             if step % tr.checkpoint_every == 0 and step < tr.steps:
+                # Every step up to the checkpoint is logged and on disk before the checkpoint
+                # exists: a kill after it loses no step from metrics.jsonl or TensorBoard. (No
+                # stall: the save waits for this step's state anyway.)
+                finish(*pending)
+                data_state.pop(step - 1, None)
+                pending = None
+                if lead:
+                    log.flush()
+                    tb.flush()
                 _save(mngr, step, state, meta(step))
             if step < tr.steps:
                 batch = plan.put_batch(next(stream))
@@ -695,7 +738,7 @@ def dry_run(cfg: Config) -> dict:
     halo = mem_layers if sharding.batch_shards(mesh) > 1 else 0
     report = {
         "mesh": dict(mesh.shape), "devices": mesh.size, "compile_seconds": seconds,
-        "params": plan.param_count(),
+        "params": plan.param_count(), "trainable_params": plan.param_count(trainable_only=True),
         "flops_per_step": flops.train_flops_per_token(cfg) * tr.batch_size * plan.window,
         "micro_batch": [plan.accum, plan.micro, plan.window],
         "memory_per_device": _memory_report(compiled),
@@ -710,7 +753,7 @@ def dry_run(cfg: Config) -> dict:
         print(f"dry run: {_describe(mesh)}\n"
               f"  compiled in {seconds:.1f}s; batch {tr.batch_size} rows x {plan.window} tokens "
               f"as {plan.accum} micro-batch(es) of {plan.micro} rows (one scanned step body)\n"
-              f"  parameters: {report['params']:,}\n"
+              f"  parameters: {report['params']:,} ({report['trainable_params']:,} trained)\n"
               f"  model FLOPs per step: {report['flops_per_step']:.4g}\n"
               f"  memory per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in
                                                    report["memory_per_device"].items()) + "\n"

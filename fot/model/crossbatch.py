@@ -25,9 +25,11 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from fot import sharding
 from fot.model import attention, rope
+from fot.model.llama import MEMORY_FETCH
 
 
 def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, stepping: bool) -> np.ndarray:
@@ -62,7 +64,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
             k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, zeros))
         # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
         # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
-        pk, pv = sharding.previous_rows((k, v_new), r)
+        pk, pv = checkpoint_name(sharding.previous_rows((k, v_new), r), MEMORY_FETCH)
         pk = pk.reshape(b, r * t, *pk.shape[3:])
         pv = pv.reshape(b, r * t, *pv.shape[3:])
         part = attention.dense_partial(q, pk, pv, visible[:, :, None, None, :])

@@ -18,6 +18,7 @@ from flax import nnx
 from fot import sharding
 from fot.config import MemoryConfig, ModelConfig
 from fot.model import attention, rope
+from fot.model.lora import LoRAProjection
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -26,6 +27,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+# What a memory source names so (jax.ad_checkpoint.checkpoint_name) is kept under remat instead of
+# recomputed: the crossbatch halo, whose recomputation would be one more collective per layer.
+MEMORY_FETCH = "memory_fetch"
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -79,19 +85,23 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
 
 
-def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs):
-    return nnx.Linear(n_in, n_out, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-                      kernel_init=_init(cfg.initializer_range, axes), rngs=rngs)
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs, target: str | None = None):
+    """A bias-free projection; with LoRA on `target` (model.lora.targets), an adapted one."""
+    kw = dict(use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+              kernel_init=_init(cfg.initializer_range, axes), rngs=rngs)
+    if cfg.lora.rank and target in cfg.lora.targets:
+        return LoRAProjection(n_in, n_out, cfg.lora, axes, **kw)
+    return nnx.Linear(n_in, n_out, **kw)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
         self.heads, self.kv_heads, self.head_dim = h, k, d
-        self.q_proj = _linear(cfg, e, h * d, ("embed", "q_heads"), rngs)
-        self.k_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs)
-        self.v_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs)
-        self.o_proj = _linear(cfg, h * d, e, ("q_heads", "embed"), rngs)
+        self.q_proj = _linear(cfg, e, h * d, ("embed", "q_heads"), rngs, "q")
+        self.k_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs, "k")
+        self.v_proj = _linear(cfg, e, k * d, ("embed", "kv_heads"), rngs, "v")
+        self.o_proj = _linear(cfg, h * d, e, ("q_heads", "embed"), rngs, "o")
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x.shape
@@ -104,9 +114,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs)
-        self.up_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs)
-        self.down_proj = _linear(cfg, f, e, ("mlp", "embed"), rngs)
+        self.gate_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs, "gate")
+        self.up_proj = _linear(cfg, e, f, ("embed", "mlp"), rngs, "up")
+        self.down_proj = _linear(cfg, f, e, ("mlp", "embed"), rngs, "down")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -227,7 +237,12 @@ class Llama(nnx.Module):
                 one = jax.tree.map(lambda a: a[0], seg_state)
                 p = None if seg_past is None else jax.tree.map(lambda a: a[0], seg_past)
                 mem_fn = None if memory is None else (lambda q, k, v, s=slot: memory(s, q, k, v))
-                x, kv = run_one(one, x, p, self.mem.positionals, mem_fn)
+                layer = lambda ls, h, lp, fn=mem_fn: run_one(ls, h, lp, self.mem.positionals, fn)
+                if policy is not None:  # the memory layers are rematerialised like the others
+                    keep = jax.checkpoint_policies.save_only_these_names(MEMORY_FETCH)
+                    layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_from_both_policies(
+                        policy, keep), prevent_cse=False)
+                x, kv = layer(one, x, p)
                 kvs.append(jax.tree.map(lambda a: a[None], kv))
                 continue
 
