@@ -13,13 +13,14 @@ VOCAB = 101
 
 
 def make_hf(path: Path, *, heads: int = 4, kv_heads: int = 4, tied: bool = False, weights: str = "safetensors",
-            max_shard_size: str | None = None, seed: int = 0, **config) -> LlamaForCausalLM:
+            max_shard_size: str | None = None, seed: int = 0, vocab_size: int = VOCAB,
+            **config) -> LlamaForCausalLM:
     """Save a random 2-layer LlamaForCausalLM to `path` and return it (eval mode, float32).
 
     weights: "safetensors" (save_pretrained, sharded with an index if max_shard_size is given) or "bin"
     (pytorch_model.bin written with torch.save; with max_shard_size, two .bin shards and an index).
     """
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
                       tie_word_embeddings=tied, **config)
     torch.manual_seed(seed)

@@ -59,7 +59,7 @@ def test_tokenizer_travels_with_the_model(v2_tokenizer_path, tmp_path):
     """HF dir with tokenizer.model -> load_model -> fot checkpoint -> export: the tokenizer follows."""
     from hf_tiny import make_hf
 
-    make_hf(tmp_path / "hf")
+    make_hf(tmp_path / "hf", vocab_size=32000)  # the tokenizer's ids all need embedding rows
     shutil.copy(v2_tokenizer_path, tmp_path / "hf" / "tokenizer.model")
     want = SentencePieceTokenizer(v2_tokenizer_path).encode(PROMPT)
     model = load_model(tmp_path / "hf")
