@@ -604,9 +604,8 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     fpt = flops.train_flops_per_token(cfg)
     peak, n_peak, peak_src = flops.system_peak_flops(mesh.devices.flat)
     tb = TensorBoard(run_dir) if lead else None
-    if lead and start:
+    if lead:  # also at step 0: a life killed before its first checkpoint logged steps too
         tb.restart(start + 1)  # readers drop the steps an interrupted run logged after `start`
-    if lead:
         keep_steps_up_to(run_dir / "metrics.jsonl", start)
     log = open(run_dir / "metrics.jsonl", "a") if lead else None
     bar = progress_bar(start, tr.steps, disable=not (progress and lead))
