@@ -97,6 +97,10 @@ def test_sentencepiece_prompts_have_the_exact_length(spm):
     tok = SentencePieceTokenizer(SHARED_TOKENIZERS / spm)
     for name in ALL:
         task = tasks.parse_task(name)
+        if spm == "open_llama_v1.model" and name == "niah_stdlib":  # v1 merges runs of spaces
+            with pytest.raises(tasks.TaskError, match="haystack='stdlib': this tokenizer cannot encode"):
+                task.build(tok, 3001, 0.5, [3, 0])
+            continue
         for length in (1000, 3001, 4096):
             for j in range(2):
                 p = task.build(tok, length, j / 2, [3, j])
@@ -226,6 +230,22 @@ def test_bad_task_input(spec, message):
 def test_more_keys_than_fit():
     with pytest.raises(tasks.TaskError, match=r"below the task's minimal prompt \(\d+ tokens"):
         tasks.parse_task("niah_multikey:keys=40").build(ByteTokenizer(), 1500, 0.5, [0])
+
+
+class SpaceMergingTokenizer(ByteTokenizer):
+    """Bytes after collapsing runs of spaces, as OpenLLaMA v1's SentencePiece model does."""
+
+    def encode(self, text, bos=True, eos=False):
+        return super().encode(re.sub(" +", " ", text), bos, eos)
+
+
+def test_a_tokenizer_that_cannot_encode_the_haystack():
+    lossy = SpaceMergingTokenizer()
+    suite.check_lengths(lossy, suite.parse_tasks("niah_prose,vt"), [1500, 3000])  # no runs of spaces
+    with pytest.raises(tasks.TaskError) as e:
+        suite.check_lengths(lossy, suite.parse_tasks("niah_stdlib"), [1500, 3000])  # indented code
+    assert str(e.value).startswith("task 'niah_stdlib': option haystack='stdlib': this tokenizer cannot "
+                                   "encode the prompt (character ") and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -507,11 +507,23 @@ class Task:
             raise TaskError(f"{self.spec}: depth must be in [0, 1], got {depth}")
         lay = self.family.layout(np.random.default_rng(list(seed)), depth if has_depth else 0.0, target)
         size, p, text, ids = fit(tokenizer, target, lambda s, q: lay.make(s, q)[0], lay.min_size, self.spec)
+        self._check_lossless(tokenizer, text, ids)
         start = lay.make(size, p)[1]
         token = None if start is None else len(tokenizer.encode(text[:start], bos=True))
         answer = _listed(lay.expected)
         return TaskPrompt(self.spec, text, ids, list(lay.expected), answer, depth if has_depth else None,
                           token, {**lay.info, "size": size, "pad": len(p)})
+
+    def _check_lossless(self, tokenizer, text: str, ids: list[int]) -> None:
+        """A tokenizer that loses characters (unknown pieces; OpenLLaMA v1 merges runs of spaces, so
+        code loses its indentation) would show the model another prompt than the one scored."""
+        back = tokenizer.decode(ids)
+        if back != text:
+            i = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+            hay = getattr(self.family, "haystack", "filler")
+            raise TaskError(f"task {self.spec!r}: option haystack={hay!r}: this tokenizer cannot encode the "
+                            f"prompt (character {i}, {text[i:i + 12]!r}, decodes as {back[i:i + 12]!r}); "
+                            f"choose another haystack")
 
     def min_tokens(self, tokenizer, target: int) -> int:
         """Tokens of the shortest prompt for a `target` length (cwe's frequencies depend on it)."""

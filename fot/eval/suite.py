@@ -70,6 +70,7 @@ def check_lengths(tokenizer, tasks: Sequence, lengths: Sequence[int]) -> None:
             if n < need:
                 raise ValueError(f"--lengths {n}: task {task.spec} needs at least {need} tokens with "
                                  f"this tokenizer")
+        task.build(tokenizer, max(lengths), 0.5, [0])  # fails now if the tokenizer loses the haystack
 
 
 def plan_trials(tasks: Sequence, lengths: Sequence[int], trials: int, depths, seed: int) -> list[dict]:
