@@ -122,8 +122,11 @@ class ModelConfig:
     # jax.checkpoint policy name for each scanned layer: none (no remat), full (save nothing),
     # dots (save matmul outputs), dots_no_batch (save matmuls without batch dims).
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Attention kernel: auto picks blockwise above `blockwise_threshold` tokens, else plain.
-    attention: Literal["auto", "plain", "blockwise", "cudnn"] = "auto"
+    # Attention kernel: auto picks blockwise above `blockwise_threshold` tokens, else plain; s2:
+    # LongLoRA's shifted sparse attention in training steps (groups of s2_group_size tokens), auto
+    # everywhere else.
+    attention: Literal["auto", "plain", "blockwise", "cudnn", "s2"] = "auto"
+    s2_group_size: int | None = None
     blockwise_threshold: int = 4096
     attention_block_size: int = 512
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -157,6 +160,16 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads}")
         check_range(where, "model", self, positive=("rms_norm_eps", "rope_theta", "initializer_range",
                                                     "blockwise_threshold"))
+        if (self.attention == "s2") != (self.s2_group_size is not None):
+            raise ConfigError(f"{where}: model.attention='s2' and model.s2_group_size go together (got "
+                              f"attention={self.attention!r}, s2_group_size={self.s2_group_size})")
+        if self.attention == "s2":
+            if self.s2_group_size < 2 or self.s2_group_size % 2:
+                raise ConfigError(f"{where}: model.s2_group_size must be even and >= 2 (half a group is "
+                                  f"the shift), got {self.s2_group_size}")
+            if self.num_attention_heads % 2:
+                raise ConfigError(f"{where}: model.attention='s2' shifts half the heads: "
+                                  f"model.num_attention_heads={self.num_attention_heads} is odd")
         if self.rope_scaling is not None:
             from fot.model.rope import validate_rope_scaling
 
@@ -341,6 +354,10 @@ class Config:
         self.memory.validate(where, self.model)
         self.train.validate(where)
         self.data.validate(where)
+        window = self.train.window or self.model.max_position_embeddings
+        if self.model.s2_group_size is not None and window % self.model.s2_group_size:
+            raise ConfigError(f"{where}: model.s2_group_size={self.model.s2_group_size} does not divide the "
+                              f"training window of {window} tokens (train.window)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def forward(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: in
     doc_ids [B, T] (train.document_mask): tokens see only their own document, and negatives."""
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ctx = module.context(pos, pos, None, segments=doc_ids)
+    ctx = module.context(pos, pos, None, segments=doc_ids, training=True)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
     x, _ = module.run_layers(module.embed(ids), ctx, memory=mem and _scoped(mem, MEMORY_SCOPE))
     return module.head(x)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from fot.config import ConfigError
 
 
@@ -27,7 +29,7 @@ class ByteTokenizer:
     vocab_size = 256 + offset
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
+        ids = (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64) + self.offset).tolist()
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:

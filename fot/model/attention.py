@@ -83,14 +83,58 @@ def combine(parts: list[Partial], dtype) -> jax.Array:
 
 def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                   k_valid: jax.Array | None = None, *, impl: str = "plain", block_size: int = 512,
-                  q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
+                  q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, s2_group: int = 0
+                  ) -> Partial:
     """Causal attention of queries to local keys, masked by positions (and segments, if given)."""
+    if impl == "s2":  # training only (Llama.context): full attention at inference
+        return s2_partial(q, k, v, s2_group, k_valid, q_seg, k_seg)
     if impl in ("blockwise", "cudnn"):  # the fused cuDNN kernel yields no partial: blockwise instead
         from fot.model.blockwise import blockwise_partial
 
         return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size,
                                  q_seg=q_seg, k_seg=k_seg)
     return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg))
+
+
+def s2_partial(q: jax.Array, k: jax.Array, v: jax.Array, group: int, k_valid: jax.Array | None = None,
+               q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
+    """LongLoRA's shifted sparse attention (S2-Attn, arXiv:2309.12307, Algorithm 1) for training:
+    the T tokens split into groups of `group`, causal attention inside each group; the second half
+    of the heads sees the tokens rolled by -group/2 (so its groups straddle the first half's), and
+    its output is rolled back. Causality is by index inside a group, as in LongLoRA's code: in the
+    wrapped last group of the shifted heads, the first group/2 tokens also see the last group/2.
+    Keys are the queries' own tokens (no past); GQA kv heads are repeated when they do not split."""
+    b, t, h, d = q.shape
+    if k.shape[1] != t:
+        raise ValueError(f"model.attention='s2' is for training windows: {t} queries, {k.shape[1]} keys")
+    if t % group:
+        raise ValueError(f"model.s2_group_size={group} does not divide the sequence of {t} tokens")
+    if k.shape[2] % 2:  # the head halves must split the kv heads too
+        k, v = (jnp.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
+    n, half = t // group, group // 2
+
+    def shift(a, sign=-1):  # [B, T, heads, ...]: roll the second half of the heads along T
+        c = a.shape[2] // 2
+        return jnp.concatenate([a[:, :, :c], jnp.roll(a[:, :, c:], sign * half, axis=1)], axis=2)
+
+    def grouped(a):  # [B, T, ...] -> [B * n, group, ...]
+        return a.reshape(b * n, group, *a.shape[2:])
+
+    pos = jnp.broadcast_to(jnp.arange(group), (b * n, group))
+    # Per-token validity and segments, shifted with the heads that see them: [B, T, 2] (halves).
+    both = lambda a: shift(jnp.stack([a, a], axis=2))  # noqa: E731
+    mask = causal_mask(pos, pos)  # [B*n, G, 1, 1, G]: by index inside the group
+    if k_valid is not None:
+        kvh = grouped(both(k_valid))  # [B*n, G, 2]
+        mask = mask & jnp.moveaxis(kvh, 2, 1)[:, None, :, None, :]  # -> [B*n, 1, 2, 1, G]
+    if q_seg is not None:
+        qs, ks = grouped(both(q_seg)), grouped(both(k_seg))  # [B*n, G, 2]
+        mask = mask & (jnp.moveaxis(ks, 2, 1)[:, None, :, None, :] == qs[:, :, :, None, None])
+    if mask.shape[2] == 2 and k.shape[2] != 2:  # the halves over the kv heads: [.., 2, 1] -> [.., K, 1]
+        mask = jnp.repeat(mask, k.shape[2] // 2, axis=2)
+    part = dense_partial(grouped(shift(q)), grouped(shift(k)), grouped(shift(v)), mask)
+    back = lambda a: shift(a.reshape(b, t, *a.shape[2:]), +1)  # noqa: E731
+    return Partial(back(part.o), back(part.m), back(part.l))
 
 
 def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -104,7 +148,7 @@ def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
            k_valid: jax.Array | None = None, *, extra: list[Partial] = (), gate: jax.Array | None = None,
            impl: str = "plain", block_size: int = 512, q_seg: jax.Array | None = None,
-           k_seg: jax.Array | None = None) -> jax.Array:
+           k_seg: jax.Array | None = None, s2_group: int = 0) -> jax.Array:
     """Causal local attention plus any extra sources (memory), one softmax; returns [B, T, H, D].
 
     With `gate` ([H] logits, the Memorizing-Transformer ablation) local and extra sources get separate
@@ -115,7 +159,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
             and q.shape[1] == k.shape[1]):
         return fused_causal(q, k, v)
     local = local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block_size,
-                          q_seg=q_seg, k_seg=k_seg)
+                          q_seg=q_seg, k_seg=k_seg, s2_group=s2_group)
     if gate is None or not extra:
         return combine([local, *extra], q.dtype)
     g = jax.nn.sigmoid(gate.astype(jnp.float32))[:, None]

@@ -64,6 +64,7 @@ class LocalContext:
     impl: str
     block_size: int
     segments: jax.Array | None = None
+    s2_group: int = 0  # impl "s2": LongLoRA's group size
 
 
 # A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values)
@@ -144,7 +145,7 @@ class Block(nnx.Module):
         extra, gate = memory(q, k_new, v_new) if memory is not None else ((), None)
         out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
                                gate=gate, impl=ctx.impl, block_size=ctx.block_size,
-                               q_seg=ctx.segments, k_seg=ctx.segments)
+                               q_seg=ctx.segments, k_seg=ctx.segments, s2_group=ctx.s2_group)
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -192,14 +193,17 @@ class Llama(nnx.Module):
         return segs
 
     def context(self, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None,
-                rope_len: int | None = None, segments: jax.Array | None = None) -> LocalContext:
+                rope_len: int | None = None, segments: jax.Array | None = None,
+                training: bool = False) -> LocalContext:
+        """`training`: the training step's windows, where model.attention='s2' applies (LongLoRA
+        trains with S2-Attn and infers with full attention: everywhere else it is 'auto')."""
         s = k_pos.shape[1]
         inv_freq, af = rope.rope_frequencies(self.cfg, rope_len or s)
         impl = self.cfg.attention
-        if impl == "auto":
+        if impl == "auto" or impl == "s2" and not training:
             impl = "blockwise" if s > self.cfg.blockwise_threshold else "plain"
         return LocalContext(q_pos, k_pos, k_valid, jnp.asarray(inv_freq), af, impl,
-                            self.cfg.attention_block_size, segments)
+                            self.cfg.attention_block_size, segments, self.cfg.s2_group_size or 0)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         # On a mesh: gather the sharded table whole first, like any FSDP weight (a lookup into a
