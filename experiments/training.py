@@ -8,14 +8,15 @@ resume of the wrong model.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fot.checkpoint import checkpoint_steps, run_finished
 from fot.config import Config, ConfigError, config_from_dict, trajectory_changes
+from fot.metrics import last_loss
+
 
 class Interrupted(RuntimeError):
     """Training stopped on SIGTERM/SIGINT (its checkpoint is saved); carries the signal number."""
@@ -23,12 +24,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int):
         super().__init__(f"training interrupted by signal {signum}; re-run to resume")
         self.signum = signum
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the finished checkpoints (orbax writes a step under a temporary name first)."""
-    ckpt = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
@@ -60,18 +55,6 @@ def check_documents(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def last_loss(run_dir: Path, step: int) -> float:
-    """The training loss at `step` from metrics.jsonl (NaN if it was not logged)."""
-    path = run_dir / "metrics.jsonl"
-    loss = math.nan
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("step") == step:
-                loss = rec["loss"]  # the last record wins: a resumed run may log a step again
-    return loss
-
-
 def ensure_trained(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train cfg (resuming from its run dir) unless it is finished. Returns run_dir, final (the model
     directory), steps, final_loss, trained (False: reused) and, when trained, the trainer's seconds."""
@@ -83,7 +66,7 @@ def ensure_trained(cfg: Config, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} is trained to step {done}, beyond train.steps={cfg.train.steps}; "
                           f"delete it or choose another output directory")
     info = {"run_dir": str(run_dir), "final": str(run_dir / "final"), "steps": cfg.train.steps}
-    if done == cfg.train.steps and (run_dir / "final" / "config.yaml").is_file():
+    if run_finished(run_dir, cfg.train.steps):
         print(f"{run_dir}: trained to step {done}, reusing {run_dir / 'final'}", flush=True)
         return {**info, "trained": False, "final_loss": last_loss(run_dir, done)}
     from fot.train import train

@@ -50,6 +50,19 @@ class DamagedCheckpoint(CheckpointError):
     bits (as opposed to one that is intact but disagrees with the config)."""
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of a training run's finished checkpoints (orbax writes a step under a temporary name
+    first)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """Trained to `steps` with its model saved (the trainer writes final/config.yaml last)."""
+    done = checkpoint_steps(run_dir)
+    return bool(done) and done[-1] == steps and (Path(run_dir) / "final" / CONFIG_FILE).is_file()
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | Path, overwrite: bool = False):
     """Yield a fresh temporary directory next to `dst`; rename it to `dst` only if the block succeeds.

@@ -284,6 +284,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One stage of progressive context training (train.stages); an unset field keeps the config's."""
+
+    steps: int = 0
+    window: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     batch_size: int = 8  # rows per step (each row is one window)
@@ -310,6 +322,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
+    # Progressive context: runs of their own, each from the previous one's model (Config.stages).
+    stages: tuple[StageConfig, ...] = ()
 
     def validate(self, where: str) -> None:
         for name in ("steps", "batch_size", "pack_size", "grad_accum", "checkpoint_every",
@@ -358,7 +372,34 @@ class Config:
         if self.model.s2_group_size is not None and window % self.model.s2_group_size:
             raise ConfigError(f"{where}: model.s2_group_size={self.model.s2_group_size} does not divide the "
                               f"training window of {window} tokens (train.window)")
+        for i, st in enumerate(self.train.stages):
+            if st.steps <= 0:
+                raise ConfigError(f"{where}: train.stages[{i}].steps must be positive, got {st.steps}")
+            if (st.window or window) < window:
+                raise ConfigError(f"{where}: train.stages[{i}].window={st.window} is shorter than the "
+                                  f"stage before it ({window}): stages go from short to long context")
+            window = st.window or window
+        if self.train.stages:
+            self.stages(where)  # each stage's own config is checked too
         return self
+
+    def stages(self, where: str = "<config>") -> list["Config"]:
+        """The runs of train.stages, in order: stage i trains in RUN_DIR/stage<i> for its steps,
+        with its window, batch size, learning rate and RoPE theta or scaling (unset: the config's
+        or the stage before it's), from the model of stage i-1 (stage 0: train.init_from), on the
+        data stream of seed data.seed + i (not the previous stage's documents again)."""
+        tree, run_dir = self.to_dict(), Path(self.train.run_dir)
+        tree["train"]["stages"] = []
+        out = []
+        for i, st in enumerate(self.train.stages):
+            tree["train"].update({k: v for k in ("steps", "window", "batch_size", "learning_rate")
+                                  if (v := getattr(st, k)) is not None},
+                                 run_dir=str(run_dir / f"stage{i}"),
+                                 init_from=self.train.init_from if i == 0 else str(run_dir / f"stage{i - 1}" / "final"))
+            tree["model"].update({k: v for k in ("rope_theta", "rope_scaling") if (v := getattr(st, k)) is not None})
+            tree["data"]["seed"] = self.data.seed + i
+            out.append(config_from_dict(tree, f"{where}, train.stages[{i}]"))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

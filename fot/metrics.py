@@ -4,6 +4,7 @@ TensorFlow at runtime) and a tqdm progress bar with ETA and the current loss."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -48,6 +49,18 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def last_loss(run_dir: Path, step: int) -> float:
+    """The training loss at `step` from a run's metrics.jsonl (NaN if it was not logged)."""
+    path = run_dir / "metrics.jsonl"
+    loss = math.nan
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("step") == step:
+                loss = rec["loss"]  # the last record wins: a resumed run may log a step again
+    return loss
 
 
 def progress_bar(start: int, total: int, disable: bool = False) -> tqdm:

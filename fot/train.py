@@ -74,9 +74,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fot import flops, sharding
 from fot.checkpoint import (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, CheckpointError, DamagedCheckpoint,
                             check_matches, checksums, damage, flat_tensors, mismatched, read_metadata,
-                            save_tokenizer, write_checksums)
+                            run_finished, save_tokenizer, write_checksums)
 from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
-from fot.metrics import TensorBoard, keep_steps_up_to, progress_bar
+from fot.metrics import TensorBoard, keep_steps_up_to, last_loss, progress_bar
 from fot.model.crossbatch import crossbatch_memory
 from fot.model import lora
 from fot.model.llama import Llama
@@ -560,6 +560,8 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     the changes are recorded in run_dir/config_changes.jsonl with the step they took effect)."""
     from fot.data.pipeline import BatchStream
 
+    if cfg.train.stages:
+        return _train_stages(cfg, progress, accept_changes)
     _validate(cfg)
     tr = cfg.train
     run_dir = Path(tr.run_dir)
@@ -720,11 +722,49 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     return summary
 
 
+def _train_stages(cfg: Config, progress: bool, accept_changes: bool) -> dict:
+    """train.stages in order (Config.stages), each a run of its own. A finished stage is skipped
+    (after the same config check as a resume), so a killed schedule continues in the stage it
+    stopped in; RUN_DIR/final then links to the last stage's model."""
+    run_dir = Path(cfg.train.run_dir)
+    stages = cfg.stages()
+    done = []
+    for i, stage in enumerate(stages):
+        where = Path(stage.train.run_dir)
+        if run_finished(where, stage.train.steps):
+            _config_changes(stage, where, accept_changes)
+            print(f"stage {i + 1}/{len(stages)}: {where} is trained ({stage.train.steps} steps)", flush=True)
+            continue
+        print(f"stage {i + 1}/{len(stages)}: {stage.train.steps} steps of {stage.train.batch_size} x "
+              f"{stage.train.window or stage.model.max_position_embeddings} tokens in {where}", flush=True)
+        summary = train(stage, progress, accept_changes)
+        done.append(summary)
+        if "signal" in summary:
+            return {**summary, "stage": i}
+    final = run_dir / "final"
+    if jax.process_index() == 0:
+        save_config(cfg, run_dir / "stages.yaml")
+        if final.is_symlink() or final.exists():
+            final.unlink()
+        final.symlink_to(Path(stages[-1].train.run_dir).absolute() / "final", target_is_directory=True)
+    return {"stages": done, "final_step": sum(s.train.steps for s in stages),
+            "final_loss": last_loss(Path(stages[-1].train.run_dir), stages[-1].train.steps),
+            "checkpoint": str(final)}
+
+
 def dry_run(cfg: Config) -> dict:
     """Lower and compile the train step for the configured mesh on abstract state: nothing is
     allocated and no weights, tokenizer or data are read (the vocabulary is model.vocab_size).
     Prints and returns the parameter count, model FLOPs per step, memory per device, and the
-    collectives of the compiled step, those of the memory layers' code separately."""
+    collectives of the compiled step, those of the memory layers' code separately; with
+    train.stages, those of each stage."""
+    if cfg.train.stages:
+        reports = []
+        for i, stage in enumerate(cfg.stages()):
+            if jax.process_index() == 0:
+                print(f"stage {i + 1}/{len(cfg.train.stages)}:", flush=True)
+            reports.append(dry_run(stage))
+        return {"stages": reports}
     _validate(cfg)
     tr = cfg.train
     mesh = _mesh(cfg)
