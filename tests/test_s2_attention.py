@@ -41,18 +41,20 @@ def s2_reference(q, k, v, group, seg=None):
     return out
 
 
-def s2_jax(q, k, v, group, seg=None):
-    return attention.combine([attention.s2_partial(q, k, v, group, None, seg, seg)], jnp.float32)
+def s2_jax(q, k, v, group, seg=None, impl="plain"):
+    part = attention.s2_partial(q, k, v, group, None, seg, seg, impl=impl, block_size=8)
+    return attention.combine([part], jnp.float32)
 
 
-@pytest.mark.parametrize("heads, kv_heads, t, group, segments", [
-    (4, 4, 32, 8, False),
-    (4, 2, 32, 16, False),  # GQA: the halves split the kv heads
-    (6, 3, 24, 8, False),  # odd kv heads: repeated to the query heads first
-    (4, 4, 32, 32, False),  # one group
-    (4, 2, 48, 12, True),  # packed documents
+@pytest.mark.parametrize("heads, kv_heads, t, group, segments, impl", [
+    (4, 4, 32, 8, False, "plain"),
+    (4, 2, 32, 16, False, "plain"),  # GQA: the halves split the kv heads
+    (6, 3, 24, 8, False, "plain"),  # odd kv heads: repeated to the query heads first
+    (4, 4, 32, 32, False, "plain"),  # one group
+    (4, 2, 48, 12, True, "plain"),  # packed documents
+    (4, 2, 64, 32, True, "blockwise"),  # long groups: blockwise inside each (blocks of 8)
 ])
-def test_s2_equals_the_definition_forward_and_gradient(heads, kv_heads, t, group, segments):
+def test_s2_equals_the_definition_forward_and_gradient(heads, kv_heads, t, group, segments, impl):
     rng = np.random.default_rng(heads * 100 + t)
     q = rng.standard_normal((2, t, heads, 8))
     k = rng.standard_normal((2, t, kv_heads, 8))
@@ -64,10 +66,10 @@ def test_s2_equals_the_definition_forward_and_gradient(heads, kv_heads, t, group
     ref = s2_reference(tq, tk, tv, group, None if seg is None else torch.tensor(seg))
     (ref * torch.tensor(cot)).sum().backward()
 
-    f = lambda q, k, v: (s2_jax(q, k, v, group, None if seg is None else jnp.asarray(seg))  # noqa: E731
-                         * jnp.asarray(cot, jnp.float32)).sum()
+    jseg = None if seg is None else jnp.asarray(seg)
+    f = lambda q, k, v: (s2_jax(q, k, v, group, jseg, impl) * jnp.asarray(cot, jnp.float32)).sum()  # noqa: E731
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    out = s2_jax(*args, group, None if seg is None else jnp.asarray(seg))
+    out = s2_jax(*args, group, jseg, impl)
     grads = jax.grad(f, argnums=(0, 1, 2))(*args)
     np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=ATOL, rtol=RTOL)
     for got, want in zip(grads, (tq.grad, tk.grad, tv.grad)):

@@ -87,7 +87,8 @@ def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
                   ) -> Partial:
     """Causal attention of queries to local keys, masked by positions (and segments, if given)."""
     if impl == "s2":  # training only (Llama.context): full attention at inference
-        return s2_partial(q, k, v, s2_group, k_valid, q_seg, k_seg)
+        inner = "blockwise" if s2_group > block_size else "plain"
+        return s2_partial(q, k, v, s2_group, k_valid, q_seg, k_seg, impl=inner, block_size=block_size)
     if impl in ("blockwise", "cudnn"):  # the fused cuDNN kernel yields no partial: blockwise instead
         from fot.model.blockwise import blockwise_partial
 
@@ -97,44 +98,34 @@ def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
 
 
 def s2_partial(q: jax.Array, k: jax.Array, v: jax.Array, group: int, k_valid: jax.Array | None = None,
-               q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
+               q_seg: jax.Array | None = None, k_seg: jax.Array | None = None, *, impl: str = "plain",
+               block_size: int = 512) -> Partial:
     """LongLoRA's shifted sparse attention (S2-Attn, arXiv:2309.12307, Algorithm 1) for training:
-    the T tokens split into groups of `group`, causal attention inside each group; the second half
-    of the heads sees the tokens rolled by -group/2 (so its groups straddle the first half's), and
-    its output is rolled back. Causality is by index inside a group, as in LongLoRA's code: in the
-    wrapped last group of the shifted heads, the first group/2 tokens also see the last group/2.
-    Keys are the queries' own tokens (no past); GQA kv heads are repeated when they do not split."""
+    the T tokens split into groups of `group`, causal attention inside each group (`impl`: plain
+    or blockwise); the second half of the heads sees the tokens rolled by -group/2 (so its groups
+    straddle the first half's), and its output is rolled back. Causality is by index inside a
+    group, as in LongLoRA's code: in the wrapped last group of the shifted heads, the first
+    group/2 tokens also see the last group/2. Keys are the queries' own tokens (no past); GQA kv
+    heads are repeated when they do not split in halves."""
     b, t, h, d = q.shape
     if k.shape[1] != t:
         raise ValueError(f"model.attention='s2' is for training windows: {t} queries, {k.shape[1]} keys")
     if t % group:
         raise ValueError(f"model.s2_group_size={group} does not divide the sequence of {t} tokens")
-    if k.shape[2] % 2:  # the head halves must split the kv heads too
+    if k.shape[2] % 2:
         k, v = (jnp.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
-    n, half = t // group, group // 2
-
-    def shift(a, sign=-1):  # [B, T, heads, ...]: roll the second half of the heads along T
-        c = a.shape[2] // 2
-        return jnp.concatenate([a[:, :, :c], jnp.roll(a[:, :, c:], sign * half, axis=1)], axis=2)
-
-    def grouped(a):  # [B, T, ...] -> [B * n, group, ...]
-        return a.reshape(b * n, group, *a.shape[2:])
-
-    pos = jnp.broadcast_to(jnp.arange(group), (b * n, group))
-    # Per-token validity and segments, shifted with the heads that see them: [B, T, 2] (halves).
-    both = lambda a: shift(jnp.stack([a, a], axis=2))  # noqa: E731
-    mask = causal_mask(pos, pos)  # [B*n, G, 1, 1, G]: by index inside the group
-    if k_valid is not None:
-        kvh = grouped(both(k_valid))  # [B*n, G, 2]
-        mask = mask & jnp.moveaxis(kvh, 2, 1)[:, None, :, None, :]  # -> [B*n, 1, 2, 1, G]
-    if q_seg is not None:
-        qs, ks = grouped(both(q_seg)), grouped(both(k_seg))  # [B*n, G, 2]
-        mask = mask & (jnp.moveaxis(ks, 2, 1)[:, None, :, None, :] == qs[:, :, :, None, None])
-    if mask.shape[2] == 2 and k.shape[2] != 2:  # the halves over the kv heads: [.., 2, 1] -> [.., K, 1]
-        mask = jnp.repeat(mask, k.shape[2] // 2, axis=2)
-    part = dense_partial(grouped(shift(q)), grouped(shift(k)), grouped(shift(v)), mask)
-    back = lambda a: shift(a.reshape(b, t, *a.shape[2:]), +1)  # noqa: E731
-    return Partial(back(part.o), back(part.m), back(part.l))
+    n = t // group
+    pos = jnp.broadcast_to(jnp.arange(group, dtype=jnp.int32), (b * n, group))
+    grouped = lambda a: None if a is None else a.reshape(b * n, group, *a.shape[2:])  # noqa: E731
+    halves = []
+    for i, shift in enumerate((0, group // 2)):
+        roll = lambda a, by=-shift: None if a is None else jnp.roll(a, by, axis=1)  # noqa: E731
+        qh, kh, vh = (roll(a[:, :, i * (a.shape[2] // 2):(i + 1) * (a.shape[2] // 2)]) for a in (q, k, v))
+        part = local_partial(grouped(qh), grouped(kh), grouped(vh), pos, pos, grouped(roll(k_valid)),
+                             impl=impl, block_size=block_size, q_seg=grouped(roll(q_seg)),
+                             k_seg=grouped(roll(k_seg)))
+        halves.append([roll(a.reshape(b, t, *a.shape[2:]), shift) for a in part])
+    return Partial(*(jnp.concatenate(pair, axis=2) for pair in zip(*halves)))
 
 
 def fused_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
