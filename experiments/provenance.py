@@ -11,9 +11,10 @@ from typing import Any, Sequence
 from fot.eval import report
 
 
-def git_info() -> dict[str, Any]:
-    """The commit of this checkout and whether it has uncommitted changes (None outside git)."""
-    root = Path(__file__).resolve().parents[1]
+def git_info(root: Path | None = None) -> dict[str, Any]:
+    """The commit of this checkout and whether it has uncommitted changes (None outside git). The
+    results folder is left out: other runs write their outputs there while this one runs."""
+    root = root or Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
         try:
@@ -23,7 +24,7 @@ def git_info() -> dict[str, Any]:
             return None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", ":(exclude)experiments/results")
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 

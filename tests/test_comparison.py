@@ -185,3 +185,25 @@ def test_every_shipped_baseline_trains(path, tmp_path, monkeypatch):
             ft = _small(cfgs[name], init_from=str(Path(base.train.run_dir) / "final"))
             assert ft.train.window == 4 * base.train.window
             assert np.isfinite(train(ft, progress=False)["final_loss"])
+
+
+def test_git_dirty_ignores_results_but_not_code(tmp_path):
+    """Results written by other runs do not make a run 'dirty'; an uncommitted code change does."""
+    import subprocess
+
+    from experiments.provenance import git_info
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    assert git_info(tmp_path)["git_dirty"] is False
+    (tmp_path / "experiments" / "results" / "run").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "run" / "results.json").write_text("{}")
+    assert git_info(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_info(tmp_path)["git_dirty"] is True
