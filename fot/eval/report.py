@@ -100,15 +100,17 @@ def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequen
     `errors` {name: (lower bounds, upper bounds)} draws error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (xs, ys) in series.items():
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        # the colour cycle has 10 colours: later series differ by line and marker
+        style = {"marker": "os^D"[i // 10 % 4], "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
         if errors and name in errors:  # asymmetric (lower, upper) bounds, e.g. Wilson intervals
             lo, hi = errors[name]
             # max(0, .): the bounds are clipped to [0, 1], so they can miss y by a rounding error
             ax.errorbar(xs, ys, yerr=[[max(0.0, y - a) for y, a in zip(ys, lo)],
                                       [max(0.0, b - y) for y, b in zip(ys, hi)]],
-                        marker="o", capsize=3, label=name)
+                        capsize=3, label=name, **style)
         else:
-            ax.plot(xs, ys, marker="o", label=name)
+            ax.plot(xs, ys, label=name, **style)
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted({x for xs, _ in series.values() for x in xs})
