@@ -784,7 +784,8 @@ def dry_run(cfg: Config) -> dict:
         "collectives": sharding.collective_counts(hlo),
         "memory_layer_collectives": sharding.collective_counts(hlo, MEMORY_SCOPE),
         # what the CROSSBATCH LAYOUT comment in fot/sharding.py promises, per micro-batch
-        "expected_memory_layer": {"all-gather": 0, "collective-permute": 2 * halo},
+        "expected_memory_layer": {"all-gather": 2 * mem_layers if mesh.shape["sequence"] > 1 else 0,
+                                  "collective-permute": 2 * halo},
     }
     got = report["memory_layer_collectives"]
     ok = all(got[k] == v for k, v in report["expected_memory_layer"].items())
@@ -799,7 +800,8 @@ def dry_run(cfg: Config) -> dict:
               f"  collectives in the compiled step (a scanned body counts once): "
               f"{report['collectives']}\n"
               f"  memory-layer keys/values ({mem_layers} memory layers, {MEMORY_SCOPE} scope): "
-              f"all-gathers {got['all-gather']} (expected 0), collective-permutes "
+              f"all-gathers {got['all-gather']} (expected {report['expected_memory_layer']['all-gather']}: "
+              f"their whole windows over mesh.sequence), collective-permutes "
               f"{got['collective-permute']} (expected {2 * halo}: one per memory layer forward "
               f"+ one backward) -> {'as fot/sharding.py CROSSBATCH LAYOUT says' if ok else 'MISMATCH'}",
               flush=True)
