@@ -364,7 +364,7 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     (config validated: a bad scaling dict or mode raises ConfigError naming the key)."""
     from flax import nnx
 
-    from fot.model.llama import Llama
+    from fot.model.llama import abstract_model
 
     cfg = model.config
     changes = {}
@@ -377,7 +377,7 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     if not changes:
         return model
     cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(abstract_model(cfg.model, cfg.memory))
     _, state = nnx.split(model.module)
     return dataclasses.replace(model, config=cfg, module=nnx.merge(graphdef, state))
 

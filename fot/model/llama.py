@@ -287,3 +287,9 @@ class Llama(nnx.Module):
 
 def init_model(cfg: ModelConfig, mem: MemoryConfig | None = None, seed: int = 0) -> Llama:
     return Llama(cfg, mem, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, mem: MemoryConfig | None = None) -> Llama:
+    """The model's structure with abstract arrays (shapes, dtypes, sharding names): nothing is
+    allocated. Split it and fill its parameters from a checkpoint or another module."""
+    return nnx.eval_shape(lambda: Llama(cfg, mem, rngs=nnx.Rngs(0)))
