@@ -57,6 +57,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -66,12 +67,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
 from fot.checkpoint import (CheckpointError, restore_latest, run_finished, save_final_model,
                             save_train_state)
 from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
+from fot.convert import _local_dir, load_model
+from fot.data.pipeline import BatchStream, merge_states
+from fot.data.sources import DataError, open_source
+from fot.data.tokenizer import load_tokenizer
 from fot.metrics import TensorBoard, keep_steps_up_to, last_loss, progress_bar
 from fot.model.crossbatch import crossbatch_memory
 from fot.model import lora
@@ -268,7 +274,6 @@ def _init_params(cfg: Config, plan: StepPlan) -> dict:
     abstract_params = plan.abstract["params"]
     if tr.init_from is None:
         return plan.random_params()
-    from fot.convert import load_model
 
     loaded = load_model(tr.init_from)
     want = traverse_util.flatten_dict(abstract_params)
@@ -293,8 +298,6 @@ def _init_params(cfg: Config, plan: StepPlan) -> dict:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -306,9 +309,6 @@ def _check_inputs(cfg: Config) -> None:
     """Find the tokenizer, every data source and the weights before anything heavy, and report all
     that is missing in one message. Without network the hub libraries are put in offline mode first,
     so a missing download fails at once instead of after minutes of retries."""
-    from fot.data.sources import open_source
-    from fot.data.tokenizer import load_tokenizer
-
     names = [cfg.data.tokenizer, cfg.train.init_from, *(s.path for s in cfg.data.sources)]
     remote = [n for n in names if n and n != "byte" and not n.startswith("builtin:")
               and not Path(n).exists()]
@@ -326,8 +326,6 @@ def _check_inputs(cfg: Config) -> None:
         except Exception as e:  # DataError, datasets' own errors: all one list
             problems.append(f"dataset: data.sources[{i}].path={src.path!r}: {e}")
     if cfg.train.init_from is not None:
-        from fot.convert import _local_dir
-
         try:
             _local_dir(cfg.train.init_from)
         except Exception as e:
@@ -343,10 +341,6 @@ def _all_slots(data_state: dict) -> dict:
     the same step): what a checkpoint stores, so that any set of processes can resume from it."""
     if jax.process_count() == 1:
         return data_state
-    from jax.experimental import multihost_utils
-
-    from fot.data.pipeline import merge_states
-
     blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(blob)))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -417,8 +411,6 @@ def _config_changes(cfg: Config, run_dir: Path, accept: bool) -> dict[str, tuple
 def _restore_data(stream, state: dict, changes: dict, say) -> None:
     """The data position of a checkpoint; after an accepted change to the data the saved position
     may not fit the new stream, which then starts from its beginning."""
-    from fot.data.sources import DataError
-
     try:
         stream.restore(state)
     except DataError as e:
@@ -432,8 +424,6 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss, and
     ConfigError when resuming a run whose config trains differently, unless `accept_changes` (then
     the changes are recorded in run_dir/config_changes.jsonl with the step they took effect)."""
-    from fot.data.pipeline import BatchStream
-
     if cfg.train.stages:
         return _train_stages(cfg, progress, accept_changes)
     _validate(cfg)
@@ -501,8 +491,6 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
             return stop["signal"] is not None
         if step % tr.log_every:
             return False
-        from jax.experimental import multihost_utils
-
         got = int(np.max(multihost_utils.process_allgather(np.int32(stop["signal"] or 0))))
         stop["signal"] = got or None
         return stop["signal"] is not None
@@ -695,8 +683,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile the train step for the configured mesh on abstract parameters, "
                          "print its size, FLOPs, memory per device and collectives, and exit")
     args = ap.parse_intermixed_args(argv)
-    from fot.data.sources import DataError
-
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
