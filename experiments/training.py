@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from fot.checkpoint import checkpoint_steps, run_finished
-from fot.config import Config, ConfigError, config_from_dict, trajectory_changes
+from fot.config import Config, ConfigError, config_from_dict, read_yaml, trajectory_changes
 from fot.metrics import last_loss
 
 
@@ -33,7 +32,7 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    saved_cfg = config_from_dict(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    saved_cfg = config_from_dict(read_yaml(saved), str(saved))
     diff = trajectory_changes(saved_cfg, cfg)
     if diff:
         shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(diff.items())[:5])

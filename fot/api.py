@@ -11,7 +11,9 @@ from flax import nnx
 
 from fot.config import Config
 from fot.data.tokenizer import Tokenizer, check_vocab
-from fot.model.llama import Llama, init_model
+from fot import inference
+from fot.checkpoint import save_model
+from fot.model.llama import Llama, abstract_model, init_model
 
 
 @nnx.jit
@@ -35,8 +37,7 @@ class FotModel:
     @classmethod
     def from_params(cls, config: Config, params: dict, tokenizer: Tokenizer | None = None) -> "FotModel":
         """The model of `config` with these parameters (a nested dict in the checkpoint layout)."""
-        graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: Llama(config.model, config.memory,
-                                                                       rngs=nnx.Rngs(0))), nnx.Param, ...)
+        graphdef, state, rest = nnx.split(abstract_model(config.model, config.memory), nnx.Param, ...)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype),
                                                      state.to_pure_dict(), params))
         return cls(config, nnx.merge(graphdef, state, rest), tokenizer)
@@ -69,36 +70,28 @@ class FotModel:
     def logits_long(self, input_ids, window: int | None = None,
                     last_context_length: int | None = None) -> jax.Array:
         """Logits [B, N, V] of a long input read window by window with the memory."""
-        from fot.inference import logits_long
-
-        return logits_long(self, input_ids, window, last_context_length)
+        return inference.logits_long(self, input_ids, window, last_context_length)
 
     def build_memory(self, document, window: int | None = None, last_context_length: int | None = None):
         """Read a document (text or ids) once into a `fot.inference.Session` to question later."""
-        from fot.inference import build_memory
-
         ids = self.encode(document) if isinstance(document, str) else document
-        return build_memory(self, ids, window, last_context_length)
+        return inference.build_memory(self, ids, window, last_context_length)
 
     def save_memory(self, session, path):
         return session.save(path)
 
     def load_memory(self, path):
-        from fot.inference import Session
-
-        return Session.load(self, path)
+        return inference.Session.load(self, path)
 
     def stream(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, memory=None, **kw):
         """Yield new tokens as they come: ids [B] for id prompts, text pieces for a text prompt.
         `memory`: a session from build_memory/load_memory, read before the prompt (not changed)."""
-        from fot.inference import stream
-
         if not isinstance(prompt, str):
-            yield from stream(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
+            yield from inference.stream(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
             return
         ids, text = [], ""
-        for tok in stream(self, self.encode(prompt, bos=memory is None), max_new_tokens, temperature,
+        for tok in inference.stream(self, self.encode(prompt, bos=memory is None), max_new_tokens, temperature,
                           top_p, seed, session=memory, **kw):
             if int(tok[0]) == self.config.model.eos_token_id:
                 return
@@ -110,14 +103,10 @@ class FotModel:
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, memory=None, **kw):
         """Generated ids [B, n] for id prompts, or the generated text for a text prompt."""
-        from fot.inference import generate
-
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, seed, memory, **kw))
-        return generate(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
+        return inference.generate(self, prompt, max_new_tokens, temperature, top_p, seed, session=memory, **kw)
 
     def save(self, path, overwrite: bool = False):
         """Write a fot checkpoint directory (config.yaml, orbax params/, tokenizer/), atomically."""
-        from fot.checkpoint import save_model
-
         return save_model(self, path, overwrite)

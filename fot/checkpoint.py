@@ -18,22 +18,25 @@ directory restores with `restore_params` too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from fot.config import Config, load_config, save_config
 from fot.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from fot.model.llama import Llama
+from fot.model.llama import Llama, abstract_model
 
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
@@ -247,19 +250,138 @@ def check_matches(src: Path, saved: dict, want: dict) -> None:
         raise CheckpointError(f"{src}: unexpected tensor '{extra[0]}' (not a parameter for this config)")
 
 
-def load_checkpoint(path: str | Path, config: Config | None = None):
-    """A fot checkpoint directory -> FotModel. `config` (already resolved, e.g. with a new compute
-    dtype) replaces the saved one; its parameter shapes must match the saved ones."""
-    from fot.api import FotModel
-
+def read_checkpoint(path: str | Path, config: Config | None = None) -> tuple[Config, Llama, Tokenizer | None]:
+    """A fot checkpoint directory -> (config, module, tokenizer), what a `fot.api.FotModel` holds.
+    `config` (already resolved, e.g. with a new compute dtype) replaces the saved one; its parameter
+    shapes must match the saved ones."""
     path = Path(path)
     cfg = config or load_config(path / CONFIG_FILE)
     try:
         tokenizer = load_saved_tokenizer(path / TOKENIZER_DIR)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path / TOKENIZER_DIR}: damaged tokenizer ({damage(e)})") from None
-    abstract = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(cfg.model, cfg.memory), nnx.Param, ...)
     params = restore_params(path, params)
-    return FotModel(cfg, nnx.merge(graphdef, params, rest), tokenizer)
+    return cfg, nnx.merge(graphdef, params, rest), tokenizer
 
+
+# ------------------------------------------------------------------------------------------------
+# Training runs: the train state under orbax's CheckpointManager (every process writes and reads its
+# own shards; orbax coordinates them) and the run's final model
+
+
+def train_manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=opts,
+                                 item_names=("params", "opt_state", "meta"))
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    """Save `state` (params, opt_state) as step `step`; meta gets the state's checksums and a digest
+    of itself, which restore_train_state verifies."""
+    # The sharded arrays themselves: orbax copies them to the host before `save` returns (only the
+    # file writes are asynchronous), so the next step may donate them.
+    if step in mngr.all_steps():
+        return
+    meta = {**meta, "checksums": checksums({k: state[k] for k in ("params", "opt_state")})}
+    meta["digest"] = _meta_digest(meta)
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> tuple[dict, dict]:
+    """({params, opt_state}, meta) of step `step`, restored into the shapes and shardings of
+    `abstract` (abstract params and opt_state), whatever mesh wrote the checkpoint.
+    DamagedCheckpoint if its files cannot be read back as written; CheckpointError if it is intact
+    but holds other shapes than this config's."""
+    where = Path(mngr.directory) / str(step)
+    check_matches(where / "params", read_metadata(where / "params"), flat_tensors(abstract["params"]))
+    try:
+        got = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract["params"]),
+            opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+            meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+        raise DamagedCheckpoint(f"{where}: damaged checkpoint, its files cannot be read "
+                                f"({damage(e)})") from None
+    meta = got["meta"]
+    if "digest" in meta:  # (checkpoints written before checksums existed are taken as they are)
+        if meta["digest"] != _meta_digest(meta):
+            raise DamagedCheckpoint(f"{where}: damaged checkpoint, its metadata differs from its digest")
+        bad = mismatched(meta["checksums"], {"params": got["params"], "opt_state": got["opt_state"]})
+        if bad:
+            raise DamagedCheckpoint(f"{where}: damaged checkpoint, {bad[0]} differs from its checksum "
+                                    f"({len(bad)} array(s) differ)")
+    return {"params": got["params"], "opt_state": got["opt_state"]}, meta
+
+
+def restore_latest(run_dir: Path, keep: int, abstract: dict, say) -> tuple:
+    """(manager, step, state, meta) of the newest checkpoint that reads back intact (step 0, None,
+    None without checkpoints). Newer damaged ones are warned about and moved to
+    run_dir/damaged_checkpoints/ (out of the manager's view, so their steps can be saved again);
+    if none is intact, nothing is moved and the error lists them all. Stale temporary
+    directories of an interrupted save are removed first."""
+    ckpt = run_dir / "checkpoints"
+    lead = jax.process_index() == 0
+    if lead and ckpt.is_dir():
+        for tmp in ckpt.glob("*.orbax-checkpoint-tmp*"):
+            say(f"removing {tmp}: an unfinished save")
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier("fot_tmp_cleanup")
+    mngr = train_manager(run_dir, keep)
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state, meta = restore_train_state(mngr, step, abstract)
+        except DamagedCheckpoint as e:
+            say(f"warning: {e}; trying the previous one")
+            damaged.append((step, str(e)))
+            continue
+        if damaged:
+            mngr.close()
+            if lead:
+                aside = run_dir / "damaged_checkpoints"
+                aside.mkdir(exist_ok=True)
+                for bad, _ in damaged:
+                    os.replace(ckpt / str(bad), aside / f"{bad}-{time.strftime('%Y%m%dT%H%M%S')}")
+                say(f"moved {len(damaged)} damaged checkpoint(s) to {aside}")
+            barrier("fot_damaged_moved")
+            mngr = train_manager(run_dir, keep)
+        return mngr, step, state, meta
+    if damaged:
+        listing = "\n  - ".join(msg for _, msg in damaged)
+        raise CheckpointError(f"no checkpoint of {run_dir} reads back intact (nothing was moved):"
+                              f"\n  - {listing}")
+    return mngr, 0, None, None
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def save_final_model(cfg: Config, params: dict, tokenizer, path: Path) -> None:
+    """The trained model as a fot checkpoint (fot/checkpoint.py layout), written by every process
+    (each its shards of params/; `save_model`'s private temporary directory cannot be shared by
+    several hosts). config.yaml goes last: `fot.load_model` needs it, so a directory without it is
+    an unfinished one."""
+    path = path.absolute()
+    lead = jax.process_index() == 0
+    if lead:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(path / TOKENIZER_DIR, ignore_errors=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params, force=True)
+        ckptr.wait_until_finished()
+    write_checksums(params, path, write=lead)
+    if lead:
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, path / TOKENIZER_DIR)
+        save_config(cfg, path / CONFIG_FILE)

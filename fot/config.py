@@ -7,6 +7,7 @@ the dotted key and the file it came from.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import json
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from fot.model.rope_scaling import validate_rope_scaling
 
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
@@ -171,9 +174,10 @@ class ModelConfig:
                 raise ConfigError(f"{where}: model.attention='s2' shifts half the heads: "
                                   f"model.num_attention_heads={self.num_attention_heads} is odd")
         if self.rope_scaling is not None:
-            from fot.model.rope import validate_rope_scaling
-
-            validate_rope_scaling(self.rope_scaling, self.dim_per_head, where)
+            try:
+                validate_rope_scaling(self.rope_scaling, self.dim_per_head, where)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.lora.validate(where, self)
 
 
@@ -491,25 +495,28 @@ def build(cls: type, values: dict[str, Any], where: str = "<config>", prefix: st
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' from a command line -> (dotted key, value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted `key=value` overrides (values parsed as YAML) in a nested dict, copying it."""
-    import copy
-
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any],
+                    where: str = "") -> dict[str, Any]:
+    """Set overrides in a nested dict of config values, copying it: `key=value` strings (values
+    parsed as YAML) or a {dotted key: value} mapping. The one place overrides are applied."""
     tree = copy.deepcopy(tree)
-    for text in overrides:
-        parts, value = _parse_override(text)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    prefix = f"{where}: " if where else ""
+    for key, value in items:
+        parts = key.split(".")
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{p}' is not a section")
+                raise ConfigError(f"{prefix}override '{key}': '{p}' is not a section")
         node[parts[-1]] = value
     return tree
 

@@ -27,15 +27,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 so safetensors.numpy can read bf16 files)
 import numpy as np
-import yaml
+from flax import nnx
 
-from fot.checkpoint import (CONFIG_FILE, CheckpointError, atomic_dir, load_checkpoint, params_dict,
+from fot.api import FotModel
+from fot.checkpoint import (CONFIG_FILE, CheckpointError, atomic_dir, params_dict, read_checkpoint,
                             save_model, save_tokenizer)
-from fot.config import Config, ConfigError, config_from_dict
-from fot.data.tokenizer import ByteTokenizer
-from fot.model.rope import rope_type
+from fot.config import Config, ConfigError, apply_overrides, config_from_dict, parse_override, read_yaml
+from fot.data.tokenizer import ByteTokenizer, load_tokenizer
+from fot.model.llama import abstract_model
+from fot.model.rope_scaling import rope_type
 
 # ------------------------------------------------------------------------------------------------
 # The weight table. fot path = keys into `nnx.state(model, nnx.Param).to_pure_dict()`.
@@ -145,42 +148,36 @@ def hf_config_from(cfg: Config, fmt: str) -> dict[str, Any]:
 _SECTIONS = tuple(f.name for f in fields(Config))
 
 
-def apply_overrides(values: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """Merge keyword overrides into fot config sections. One rule per key form:
+def dotted_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """`load_model`'s keyword overrides as dotted config keys (for fot.config.apply_overrides).
+    One rule per key form:
 
-    - a section name with a dict (`memory={"layers": [6]}`): merged key by key into that section;
-    - a dotted key (`**{"model.rope_theta": 5e5}`): sets exactly that entry;
+    - a section name with a dict (`memory={"layers": [6]}`): each of its keys in that section;
+    - a dotted key (`**{"model.rope_theta": 5e5}`): exactly that entry;
     - a LongLLaMA name (`mem_layers`, `mem_positionals`, `mem_dtype`, `last_context_length`): its
       memory field (`memory.layers`, ...);
     - any other bare key (`rope_scaling={...}`): the field of that name in the one section that has it
       (a name found in several sections, e.g. `seed`, must be written dotted).
     """
-    out = {s: dict(v) for s, v in values.items()}
     owners: dict[str, list[str]] = {}
     for section, cls in typing.get_type_hints(Config).items():
         for f in fields(cls):
             owners.setdefault(f.name, []).append(section)
+    out: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in _SECTIONS and isinstance(value, dict):
-            out.setdefault(key, {}).update(value)
-            continue
-        if "." in key:
-            parts = key.split(".")
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        elif "." in key:
+            out[key] = value
         elif key in _HF_MEMORY_KEYS:
-            parts = ["memory", _HF_MEMORY_KEYS[key]]
+            out[f"memory.{_HF_MEMORY_KEYS[key]}"] = value
         elif len(owners.get(key, ())) == 1:
-            parts = [owners[key][0], key]
+            out[f"{owners[key][0]}.{key}"] = value
         elif key in owners:
             raise ConfigError(f"{where}: override '{key}' is ambiguous; write one of "
                               + ", ".join(f"{s}.{key}" for s in owners[key]))
         else:
             raise ConfigError(f"{where}: unknown override key '{key}'")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{where}: override '{key}': '{p}' is not a section")
-        node[parts[-1]] = value
     return out
 
 
@@ -254,8 +251,6 @@ class TensorFiles:
 
 def hf_to_params(files: TensorFiles, abstract: dict, num_layers: int) -> dict:
     """Fill the pure-dict param tree `abstract` (leaves with .shape/.dtype) from HF tensors."""
-    import jax.numpy as jnp
-
     used = set()
 
     def fetch(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
@@ -336,8 +331,6 @@ def _local_dir(path: str | Path) -> Path:
 
 def _hf_tokenizer(src: Path):
     if (src / "tokenizer.model").is_file() or (src / "tokenizer.json").is_file():
-        from fot.data.tokenizer import load_tokenizer
-
         return load_tokenizer(str(src))
     return None
 
@@ -349,28 +342,17 @@ def load_model(path: str | Path, dtype: str | None = None, **overrides: Any):
     model.safetensors / pytorch_model.bin, single or sharded with an index; the tokenizer
     (tokenizer.model or tokenizer.json) when present. fot: config.yaml + params/ (fot/checkpoint.py).
     `dtype` sets the compute dtype (model.dtype). `overrides` change the config before the weights are
-    read; see `apply_overrides` for the rule (e.g. `rope_scaling={"rope_type": "linear", "factor": 2.0}`,
+    read; see `dotted_overrides` for the rule (e.g. `rope_scaling={"rope_type": "linear", "factor": 2.0}`,
     `mem_layers=[1]`, `memory={"retrieval": "knn"}`, `**{"model.param_dtype": "bfloat16"}`).
     """
-    from flax import nnx
-
-    from fot.api import FotModel
-    from fot.model.llama import Llama
-
     src = _local_dir(path)
     if dtype is not None:
         overrides = {"model.dtype": dtype, **overrides}
     with_overrides = " (with overrides " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()) + ")"
     if (src / CONFIG_FILE).is_file():  # fot checkpoint
         where = str(src / CONFIG_FILE)
-        try:
-            values = yaml.safe_load((src / CONFIG_FILE).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: top level must be a mapping of sections")
-        values = apply_overrides(values, overrides, where)
-        return load_checkpoint(src, config_from_dict(values, where + with_overrides if overrides else where))
+        values = apply_overrides(read_yaml(src / CONFIG_FILE), dotted_overrides(overrides, where), where)
+        return FotModel(*read_checkpoint(src, config_from_dict(values, where + with_overrides if overrides else where)))
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing (neither a Hugging Face model nor a fot checkpoint, "
@@ -384,16 +366,13 @@ def load_model(path: str | Path, dtype: str | None = None, **overrides: Any):
     tokenizer = _hf_tokenizer(src)
     if tokenizer is not None:
         values["data"] = {"tokenizer": str(src)}
-    values = apply_overrides(values, overrides, where)
+    values = apply_overrides(values, dotted_overrides(overrides, where), where)
     cfg = config_from_dict(values, where + with_overrides if overrides else where)
     files = TensorFiles(src)
-    abstract = nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(cfg.model, cfg.memory), nnx.Param, ...)
     pure = params.to_pure_dict()
     arrays = hf_to_params(files, pure, cfg.model.num_hidden_layers)
     if "mem_gate" in pure:  # the gate ablation has no HF counterpart; it starts closed as at init
-        import jax.numpy as jnp
-
         arrays["mem_gate"] = jnp.zeros(pure["mem_gate"].shape, pure["mem_gate"].dtype)
     nnx.replace_by_pure_dict(params, arrays)
     return FotModel(cfg, nnx.merge(graphdef, params, rest), tokenizer)
@@ -451,16 +430,6 @@ def export_hf(model, dst: str | Path, fmt: str | None = None, overwrite: bool = 
 # CLI
 
 
-def _cli_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for text in items:
-        if "=" not in text:
-            raise ConfigError(f"override '{text}' is not of the form key=value")
-        key, raw = text.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -498,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "import-hf":
-            model = load_model(args.src, args.dtype, **_cli_overrides(args.overrides))
+            model = load_model(args.src, args.dtype, **dict(map(parse_override, args.overrides)))
             save_model(model, args.dst, overwrite=args.overwrite)
         elif args.cmd == "export-hf":
             export_hf(load_model(args.src), args.dst, args.format, overwrite=args.overwrite)

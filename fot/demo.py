@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ntrained {cfg.train.steps} steps in {train_s:.0f}s, final loss {summary['final_loss']:.4f}")
     print(f"passkey retrieval with memory (window {window} tokens, greedy, exact match):")
-    print(f"| length | tokens | accuracy | trials | seconds |\n|---|---|---|---|---|")
+    print("| length | tokens | accuracy | trials | seconds |\n|---|---|---|---|---|")
     for m, n, hits, total, secs in rows:
         print(f"| {m}x window | {n} | {hits / total:.0%} | {hits}/{total} | {secs:.0f} |")
     return 0

@@ -46,7 +46,7 @@ OUTS = ("logits", "logprobs", "last", "none")
 
 
 def _memory_fn(module: Llama, mem_cfg, mem: memlib.MemoryState, index):
-    if not module.mem.layers:
+    if not mem_cfg.layers:  # no memory layers, or a session without memory
         return None
 
     def fn(slot, q, k_new, v_new):  # reads only: the window is written after its attention
@@ -89,7 +89,7 @@ def _window_step(graphdef, params, mem, index, ids, targets, n_valid, *, mem_cfg
     ctx = module.context(pos, pos, None, rope_len)
     x, kv = module.run_layers(module.embed(ids), ctx, memory=_memory_fn(module, mem_cfg, mem, index),
                               collect_kv=True)
-    new = _to_memory(module, ctx, kv) if module.mem.layers else None
+    new = _to_memory(module, ctx, kv) if mem_cfg.layers else None
     return _output(module.head(x), targets, n_valid, out), new
 
 
@@ -134,7 +134,11 @@ class Session:
     """What a model has read: memory + local cache. Not thread-safe; `copy()` before branching."""
 
     def __init__(self, model, batch: int, window: int | None = None,
-                 last_context_length: int | None = None):
+                 last_context_length: int | None = None, *, memory: bool = True,
+                 rope_len: int | None = None):
+        """`memory=False`: memory layers read no memory and nothing is written to it (the memory-off
+        baseline: with a window as long as the whole input, plain attention with a KV cache).
+        `rope_len`: the length dynamic RoPE scaling sees (default model.max_position_embeddings)."""
         cfg = model.config
         self.model = model
         arch = model.module.mem
@@ -144,7 +148,9 @@ class Session:
                 f"model.config.memory (layers={cfg.memory.layers}, positionals={cfg.memory.positionals}"
                 f", gate={cfg.memory.gate}) does not match the module's (layers={arch.layers}, "
                 f"positionals={arch.positionals}, gate={arch.gate})")
-        self.mem_cfg = cfg.memory  # retrieval, capacity, dtype...: inference-time choices
+        # retrieval, capacity, dtype...: inference-time choices
+        self.mem_cfg = cfg.memory if memory else dataclasses.replace(cfg.memory, layers=())
+        self._rope_len = rope_len or cfg.model.max_position_embeddings
         self.window = window or cfg.model.max_position_embeddings
         self.last_context_length = (cfg.memory.last_context_length if last_context_length is None
                                     else last_context_length)
@@ -159,19 +165,19 @@ class Session:
         shape = (m.num_hidden_layers, batch, cache_len, m.kv_heads, m.dim_per_head)
         self.cache = KV(jnp.zeros(shape, DTYPES[m.dtype]), jnp.zeros(shape, DTYPES[m.dtype]))
         self.cache_len = 0
-        self.memory = memlib.Memory(m, cfg.memory, batch, max_write=cache_len)
+        self.memory = memlib.Memory(m, self.mem_cfg, batch, max_write=cache_len)
         self.tokens_read = 0
 
     @property
     def rope_len(self) -> int:
-        return self.model.config.model.max_position_embeddings
+        return self._rope_len
 
     def _mem_args(self):
         return self.memory.state, self.memory.index
 
     def _write_memory(self, n: int, do) -> None:
         """Apply the capacity policy, run `do()` (returns the new memory state), maybe reindex."""
-        if self.model.config.memory.layers:
+        if self.mem_cfg.layers:
             self.memory.make_room(n, self.window)
             self.memory.filled += n
         self.memory.set_state(do())
@@ -257,8 +263,7 @@ class Session:
         new = object.__new__(Session)
         new.__dict__.update(self.__dict__)
         new.cache = jax.tree.map(jnp.copy, self.cache)
-        new.memory = memlib.Memory(self.model.config.model, self.model.config.memory, self.batch,
-                                   self.memory.max_write)
+        new.memory = memlib.Memory(self.model.config.model, self.mem_cfg, self.batch, self.memory.max_write)
         new.memory.set_state(jax.tree.map(jnp.copy, self.memory.state))
         new.memory.filled = self.memory.filled
         new.memory.index = self.memory.index

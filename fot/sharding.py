@@ -228,14 +228,14 @@ def init_sharded(state_fn: Callable[[], Any], mesh: Mesh) -> Any:
 def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op without a mesh (neither
     given nor set with `jax.set_mesh`), so model code can call it unconditionally."""
-    mesh = mesh or _ambient_mesh()
+    mesh = mesh or ambient_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(mesh, logical_to_mesh_spec(names, x.shape, mesh)))
 
 
-def _ambient_mesh():
+def ambient_mesh():
     """The mesh set with `jax.set_mesh`, unless absent, foreign, or inside a shard_map (where
     arrays are already per-device and constraints do not apply)."""
     m = jax.sharding.get_abstract_mesh()
@@ -356,6 +356,11 @@ def collective_counts(hlo_text: str, scope: str | None = None) -> dict[str, int]
 # How: the crossbatch code calls `previous_rows((k, v), R)` while the trainer has set the mesh
 # (`with jax.set_mesh(mesh):`); with kv heads split over tensor each device sends only its heads.
 #
+# With mesh.sequence > 1 the window's tokens are split too: the local attention runs as ring
+# attention (fot/model/ring.py), and each query reads the whole windows of its context rows, so
+# the memory layer all-gathers their keys and values over `sequence` (2 all-gathers per memory
+# layer, the price of splitting tokens that every query of the next rows reads).
+#
 # Requirement (checked by `validate_batch`): each shard holds at least R rows, so the halo comes
 # from the immediate neighbour. Whole packs per shard are NOT required for correctness; they are
 # what a per-host data loader naturally produces when batch_size / (data*fsdp) is a multiple of k.
@@ -369,7 +374,7 @@ def previous_rows(x: Any, num: int, mesh: Mesh | None = None) -> Any:
     shard-locally plus one collective permute of `num` rows (see CROSSBATCH LAYOUT); otherwise by
     padding. Same values either way.
     """
-    mesh = mesh or _ambient_mesh()
+    mesh = mesh or ambient_mesh()
     n = 1 if mesh is None else batch_shards(mesh)
     if n == 1 or num == 0:
         return jax.tree.map(lambda a: _stack_previous(jnp.zeros((num,) + a.shape[1:], a.dtype), a,

@@ -53,12 +53,11 @@ measured in this process on CPUs; the environment variable FOT_PEAK_FLOPS overri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -67,15 +66,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
-from fot.checkpoint import (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, CheckpointError, DamagedCheckpoint,
-                            check_matches, checksums, damage, flat_tensors, mismatched, read_metadata,
-                            run_finished, save_tokenizer, write_checksums)
+from fot.checkpoint import (CheckpointError, restore_latest, run_finished, save_final_model,
+                            save_train_state)
 from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
+from fot.convert import _local_dir, load_model
+from fot.data.pipeline import BatchStream, merge_states
+from fot.data.sources import DataError, open_source
+from fot.data.tokenizer import load_tokenizer
 from fot.metrics import TensorBoard, keep_steps_up_to, last_loss, progress_bar
 from fot.model.crossbatch import crossbatch_memory
 from fot.model import lora
@@ -272,7 +274,6 @@ def _init_params(cfg: Config, plan: StepPlan) -> dict:
     abstract_params = plan.abstract["params"]
     if tr.init_from is None:
         return plan.random_params()
-    from fot.convert import load_model
 
     loaded = load_model(tr.init_from)
     want = traverse_util.flatten_dict(abstract_params)
@@ -297,8 +298,6 @@ def _init_params(cfg: Config, plan: StepPlan) -> dict:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -310,9 +309,6 @@ def _check_inputs(cfg: Config) -> None:
     """Find the tokenizer, every data source and the weights before anything heavy, and report all
     that is missing in one message. Without network the hub libraries are put in offline mode first,
     so a missing download fails at once instead of after minutes of retries."""
-    from fot.data.sources import open_source
-    from fot.data.tokenizer import load_tokenizer
-
     names = [cfg.data.tokenizer, cfg.train.init_from, *(s.path for s in cfg.data.sources)]
     remote = [n for n in names if n and n != "byte" and not n.startswith("builtin:")
               and not Path(n).exists()]
@@ -330,8 +326,6 @@ def _check_inputs(cfg: Config) -> None:
         except Exception as e:  # DataError, datasets' own errors: all one list
             problems.append(f"dataset: data.sources[{i}].path={src.path!r}: {e}")
     if cfg.train.init_from is not None:
-        from fot.convert import _local_dir
-
         try:
             _local_dir(cfg.train.init_from)
         except Exception as e:
@@ -347,10 +341,6 @@ def _all_slots(data_state: dict) -> dict:
     the same step): what a checkpoint stores, so that any set of processes can resume from it."""
     if jax.process_count() == 1:
         return data_state
-    from jax.experimental import multihost_utils
-
-    from fot.data.pipeline import merge_states
-
     blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(blob)))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -368,128 +358,6 @@ def _validate(cfg: Config) -> None:
     if tr.cross_batch_range and not cfg.memory.layers:
         raise ConfigError("train.cross_batch_range > 0 needs memory layers (memory.layers is empty); "
                           "set train.cross_batch_range=0 to train a plain model")
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints (every process writes and reads its own shards; orbax coordinates them)
-
-
-def _manager(run_dir: Path, keep: int) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=opts,
-                                 item_names=("params", "opt_state", "meta"))
-
-
-def _meta_digest(meta: dict) -> str:
-    body = {k: v for k, v in meta.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
-    """Save `state` as step `step`; meta gets the state's checksums and a digest of itself, which
-    _restore verifies."""
-    # The sharded arrays themselves: orbax copies them to the host before `save` returns (only the
-    # file writes are asynchronous), so the next step may donate them.
-    if step in mngr.all_steps():
-        return
-    meta = {**meta, "checksums": checksums({k: state[k] for k in ("params", "opt_state")})}
-    meta["digest"] = _meta_digest(meta)
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(mngr: ocp.CheckpointManager, step: int, plan: StepPlan) -> tuple[dict, dict]:
-    """Restore into the plan's shardings, whatever mesh wrote the checkpoint. DamagedCheckpoint if
-    its files cannot be read back as written; CheckpointError if it is intact but holds other
-    shapes than this config's."""
-    where = Path(mngr.directory) / str(step)
-    check_matches(where / "params", read_metadata(where / "params"), flat_tensors(plan.abstract["params"]))
-    try:
-        got = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(plan.abstract["params"]),
-            opt_state=ocp.args.StandardRestore(plan.abstract["opt_state"]),
-            meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
-        raise DamagedCheckpoint(f"{where}: damaged checkpoint, its files cannot be read "
-                                f"({damage(e)})") from None
-    meta = got["meta"]
-    if "digest" in meta:  # (checkpoints written before checksums existed are taken as they are)
-        if meta["digest"] != _meta_digest(meta):
-            raise DamagedCheckpoint(f"{where}: damaged checkpoint, its metadata differs from its digest")
-        bad = mismatched(meta["checksums"], {"params": got["params"], "opt_state": got["opt_state"]})
-        if bad:
-            raise DamagedCheckpoint(f"{where}: damaged checkpoint, {bad[0]} differs from its checksum "
-                                    f"({len(bad)} array(s) differ)")
-    state = {"params": got["params"], "opt_state": got["opt_state"], "halted": plan.not_halted()}
-    return state, meta
-
-
-def _restore_latest(run_dir: Path, keep: int, plan: StepPlan, say) -> tuple:
-    """(manager, step, state, meta) of the newest checkpoint that reads back intact (step 0, None,
-    None without checkpoints). Newer damaged ones are warned about and moved to
-    run_dir/damaged_checkpoints/ (out of the manager's view, so their steps can be saved again);
-    if none is intact, nothing is moved and the error lists them all. Stale temporary
-    directories of an interrupted save are removed first."""
-    ckpt = run_dir / "checkpoints"
-    lead = jax.process_index() == 0
-    if lead and ckpt.is_dir():
-        for tmp in ckpt.glob("*.orbax-checkpoint-tmp*"):
-            say(f"removing {tmp}: an unfinished save")
-            shutil.rmtree(tmp, ignore_errors=True)
-    _barrier("fot_tmp_cleanup")
-    mngr = _manager(run_dir, keep)
-    damaged = []
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            state, meta = _restore(mngr, step, plan)
-        except DamagedCheckpoint as e:
-            say(f"warning: {e}; trying the previous one")
-            damaged.append((step, str(e)))
-            continue
-        if damaged:
-            mngr.close()
-            if lead:
-                aside = run_dir / "damaged_checkpoints"
-                aside.mkdir(exist_ok=True)
-                for bad, _ in damaged:
-                    os.replace(ckpt / str(bad), aside / f"{bad}-{time.strftime('%Y%m%dT%H%M%S')}")
-                say(f"moved {len(damaged)} damaged checkpoint(s) to {aside}")
-            _barrier("fot_damaged_moved")
-            mngr = _manager(run_dir, keep)
-        return mngr, step, state, meta
-    if damaged:
-        listing = "\n  - ".join(msg for _, msg in damaged)
-        raise TrainError(f"no checkpoint of {run_dir} reads back intact (nothing was moved):\n  - {listing}")
-    return mngr, 0, None, None
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _save_final(cfg: Config, params: dict, tokenizer, path: Path) -> None:
-    """The trained model as a fot checkpoint (fot/checkpoint.py layout), written by every process
-    (each its shards of params/; `save_model`'s private temporary directory cannot be shared by
-    several hosts). config.yaml goes last: `fot.load_model` needs it, so a directory without it is
-    an unfinished one."""
-    path = path.absolute()
-    lead = jax.process_index() == 0
-    if lead:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).unlink(missing_ok=True)
-        shutil.rmtree(path / TOKENIZER_DIR, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
-    write_checksums(params, path, write=lead)
-    if lead:
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, path / TOKENIZER_DIR)
-        save_config(cfg, path / CONFIG_FILE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,8 +411,6 @@ def _config_changes(cfg: Config, run_dir: Path, accept: bool) -> dict[str, tuple
 def _restore_data(stream, state: dict, changes: dict, say) -> None:
     """The data position of a checkpoint; after an accepted change to the data the saved position
     may not fit the new stream, which then starts from its beginning."""
-    from fot.data.sources import DataError
-
     try:
         stream.restore(state)
     except DataError as e:
@@ -558,8 +424,6 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss, and
     ConfigError when resuming a run whose config trains differently, unless `accept_changes` (then
     the changes are recorded in run_dir/config_changes.jsonl with the step they took effect)."""
-    from fot.data.pipeline import BatchStream
-
     if cfg.train.stages:
         return _train_stages(cfg, progress, accept_changes)
     _validate(cfg)
@@ -578,11 +442,12 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     say(_describe(mesh))
 
     lr_at = schedule(tr)
-    mngr, start, state, meta = _restore_latest(run_dir, tr.keep_checkpoints, plan, say)
+    mngr, start, state, meta = restore_latest(run_dir, tr.keep_checkpoints, plan.abstract, say)
     rng = jax.random.key_data(jax.random.key(tr.seed))  # no dropout: saved for completeness
     if state is None:
         state = plan.init_state(_init_params(cfg, plan))
     else:
+        state["halted"] = plan.not_halted()
         _restore_data(stream, meta["data"], changes, say)
         say(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start})")
     if lead:  # only now: after a failed restore the run directory still describes its checkpoints
@@ -626,8 +491,6 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
             return stop["signal"] is not None
         if step % tr.log_every:
             return False
-        from jax.experimental import multihost_utils
-
         got = int(np.max(multihost_utils.process_allgather(np.int32(stop["signal"] or 0))))
         stop["signal"] = got or None
         return stop["signal"] is not None
@@ -653,7 +516,7 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
             mngr.wait_until_finished()
             for later in [s for s in mngr.all_steps() if s > good]:
                 mngr.delete(later)
-            _save(mngr, good, state, meta(good))
+            save_train_state(mngr, good, state, meta(good))
             mngr.wait_until_finished()
             raise TrainError(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}: "
                              f"stopped; the last good step {good} is saved in "
@@ -692,12 +555,12 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
                 if lead:
                     log.flush()
                     tb.flush()
-                _save(mngr, step, state, meta(step))
+                save_train_state(mngr, step, state, meta(step))
             if step < tr.steps:
                 batch = plan.put_batch(next(stream))
         if pending is not None:
             finish(*pending)
-        _save(mngr, step, state, meta(step))
+        save_train_state(mngr, step, state, meta(step))
         mngr.wait_until_finished()
     finally:
         bar.close()
@@ -714,7 +577,7 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
         say(f"{name}: saved checkpoint {summary['checkpoint']} at step {step}; exiting")
         summary["signal"] = stop["signal"]
         return summary
-    _save_final(cfg, state["params"], stream.tokenizer, run_dir / "final")
+    save_final_model(cfg, state["params"], stream.tokenizer, run_dir / "final")
     n = step - start
     say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * tokens / max(elapsed, 1e-9):.0f} "
         f"tokens/s), final loss {last['loss']:.4f}, model FLOPs/token {fpt:.3g}, peak "
@@ -784,7 +647,8 @@ def dry_run(cfg: Config) -> dict:
         "collectives": sharding.collective_counts(hlo),
         "memory_layer_collectives": sharding.collective_counts(hlo, MEMORY_SCOPE),
         # what the CROSSBATCH LAYOUT comment in fot/sharding.py promises, per micro-batch
-        "expected_memory_layer": {"all-gather": 0, "collective-permute": 2 * halo},
+        "expected_memory_layer": {"all-gather": 2 * mem_layers if mesh.shape["sequence"] > 1 else 0,
+                                  "collective-permute": 2 * halo},
     }
     got = report["memory_layer_collectives"]
     ok = all(got[k] == v for k, v in report["expected_memory_layer"].items())
@@ -799,7 +663,8 @@ def dry_run(cfg: Config) -> dict:
               f"  collectives in the compiled step (a scanned body counts once): "
               f"{report['collectives']}\n"
               f"  memory-layer keys/values ({mem_layers} memory layers, {MEMORY_SCOPE} scope): "
-              f"all-gathers {got['all-gather']} (expected 0), collective-permutes "
+              f"all-gathers {got['all-gather']} (expected {report['expected_memory_layer']['all-gather']}: "
+              f"their whole windows over mesh.sequence), collective-permutes "
               f"{got['collective-permute']} (expected {2 * halo}: one per memory layer forward "
               f"+ one backward) -> {'as fot/sharding.py CROSSBATCH LAYOUT says' if ok else 'MISMATCH'}",
               flush=True)
@@ -818,8 +683,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile the train step for the configured mesh on abstract parameters, "
                          "print its size, FLOPs, memory per device and collectives, and exit")
     args = ap.parse_intermixed_args(argv)
-    from fot.data.sources import DataError
-
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

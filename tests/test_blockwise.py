@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fot.config import ModelConfig
-from fot.model import attention
+from fot.model import attention, partials
 from fot.model.blockwise import blockwise_partial
 from fot.model.llama import init_model
 
@@ -24,7 +24,7 @@ def inputs(b, t, s, h, kv, d, seed=0):
     q_pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_valid = jnp.asarray(r.rand(b, s) > 0.2).at[0, :].set(True).at[1, : s - t + 1].set(False)
-    extra = attention.dense_partial(q, k[:, :5] * 2, v[:, :5], None)  # a memory-like extra source
+    extra = partials.dense_partial(q, k[:, :5] * 2, v[:, :5], None)  # a memory-like extra source
     return q, k, v, q_pos, k_pos, k_valid, extra
 
 
@@ -45,7 +45,7 @@ def test_blockwise_equals_plain_forward_and_gradient(b, t, s, h, kv, d, block):
     def run(impl, q, k, v):
         local = attention.local_partial(q, k, v, q_pos, k_pos, k_valid, impl=impl, block_size=block)
         # With an extra source the local partial's m and l matter, not only its normalised output.
-        return attention.combine([local], jnp.float32), attention.combine([local, extra], jnp.float32)
+        return partials.combine([local], jnp.float32), partials.combine([local, extra], jnp.float32)
 
     def loss(impl):
         return lambda q, k, v: sum(jnp.sum(o * probe) for o in run(impl, q, k, v))
@@ -69,11 +69,11 @@ def test_blockwise_document_segments_equal_plain():
     def run(impl, q, k, v):
         p = attention.local_partial(q, k, v, q_pos, k_pos, impl=impl, block_size=block,
                                     q_seg=seg, k_seg=seg)
-        return attention.combine([p], jnp.float32)
+        return partials.combine([p], jnp.float32)
 
     plain, blocked = run("plain", q, k, v), jax.jit(lambda *a: run("blockwise", *a))(q, k, v)
     assert np.abs(np.asarray(plain) - np.asarray(blocked)).max() <= TOL
-    unmasked = attention.combine([attention.local_partial(q, k, v, q_pos, k_pos)], jnp.float32)
+    unmasked = partials.combine([attention.local_partial(q, k, v, q_pos, k_pos)], jnp.float32)
     assert np.abs(np.asarray(plain) - np.asarray(unmasked)).max() > 1e-2
     g = [jax.grad(lambda k, i=i: jnp.sum(run(i, q, k, v) ** 2))(k) for i in ("plain", "blockwise")]
     assert np.abs(np.asarray(g[0]) - np.asarray(g[1])).max() <= TOL
@@ -84,7 +84,7 @@ def test_fully_masked_rows_give_empty_partial():
     k_valid = jnp.zeros((1, 6), bool)
     p = blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=4)
     assert not np.any(np.asarray(p.l)) and not np.any(np.asarray(p.o))
-    np.testing.assert_array_equal(np.asarray(attention.combine([p], jnp.float32)), 0.0)
+    np.testing.assert_array_equal(np.asarray(partials.combine([p], jnp.float32)), 0.0)
 
 
 def test_model_switches_to_blockwise_above_threshold():

@@ -189,6 +189,38 @@ def test_full_attention_baseline_is_greedy_over_the_whole_prompt():
     assert got == seq[len(ids):]
 
 
+@pytest.mark.parametrize("memory", [dict(layers=[1]), dict(layers=[1], gate=True, positionals=False)])
+def test_full_attention_with_a_kv_cache_equals_a_forward_per_token(memory):
+    """The definition: step i is one full forward over prompt + the i tokens so far, padded to the
+    final length (so dynamic RoPE scaling sees N + n - 1 throughout), memory layers reading nothing."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fot.api import FotModel
+    from fot.config import config_from_dict
+
+    cfg = config_from_dict({"model": dict(vocab_size=259, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                            "memory": memory})
+    model = FotModel.random(cfg, seed=1, tokenizer=ByteTokenizer())
+    nnx.update(model.module, jax.tree.map(lambda a: a * 5.0, nnx.state(model.module, nnx.Param)))
+    if memory.get("gate"):  # an open gate: memory off must not mix in an empty memory's zeros
+        model.module.mem_gate.value = jnp.full_like(model.module.mem_gate[...], 2.0)
+    rows = np.random.RandomState(0).randint(3, 259, (2, 150))
+    new = 6
+    buf = np.zeros((2, 150 + new - 1), np.int32)
+    buf[:, :150] = rows
+    want = np.zeros((2, new), np.int64)
+    for i in range(new):
+        want[:, i] = np.argmax(np.asarray(model.logits(buf))[:, 150 - 1 + i], axis=-1)
+        if i + 1 < new:
+            buf[:, 150 + i] = want[:, i]
+    assert passkey.FullAttention(model).greedy(rows, new) == want.tolist()
+    assert len({tuple(r) for r in want.tolist()}) == 2  # the rows decode differently
+
+
 def test_memory_and_full_attention_agree_within_one_window():
     model = tiny_model(memory_layers=[1], max_pos=512, scale=5.0)  # 300 tokens fit in one window
     fot = passkey.run_passkey(passkey.WithMemory(model), [300], 2, "uniform", 0, "fot", progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fot.config import Config, ConfigError, config_from_dict
-from fot.model import attention
+from fot.model import attention, partials
 
 ATOL, RTOL = 2e-5, 1e-4  # float32 against float64
 
@@ -43,7 +43,7 @@ def s2_reference(q, k, v, group, seg=None):
 
 def s2_jax(q, k, v, group, seg=None, impl="plain"):
     part = attention.s2_partial(q, k, v, group, None, seg, seg, impl=impl, block_size=8)
-    return attention.combine([part], jnp.float32)
+    return partials.combine([part], jnp.float32)
 
 
 @pytest.mark.parametrize("heads, kv_heads, t, group, segments, impl", [

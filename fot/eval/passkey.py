@@ -218,10 +218,11 @@ class FullAttention:
     """The memory-off baseline: greedy decoding where every token attends to the whole prompt with
     plain causal attention at positions 0..N-1; memory layers get no memory.
 
-    Each step is one full forward over prompt + answer-so-far padded to a fixed length (one compile
-    per prompt length; causal masking makes the padding invisible). `dynamic` RoPE scaling therefore
-    sees the padded length N + n - 1 on every step, a difference of < n tokens from a growing cache.
-    `greedy_until_wrong` (run_passkey's `until_wrong`) gets the verdict from one forward instead of n.
+    `greedy` reads the prompt once into a `fot.inference.Session` without memory whose window holds
+    prompt and answer (a KV cache: each new token costs one step, not a forward over the prompt).
+    Dynamic RoPE scaling sees the final length N + n - 1 on every step, a difference of < n tokens
+    from a growing cache. `greedy_until_wrong` (run_passkey's `until_wrong`) gets the verdict from
+    one forward instead of n.
     """
 
     def __init__(self, model):
@@ -230,15 +231,18 @@ class FullAttention:
 
     def greedy(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy tokens of equally long prompts decoded as one batch (each row as if alone)."""
-        rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts_ids]
-        n = len(rows[0])
-        buf = np.full((len(rows), n + max_new_tokens - 1), self.model.tokenizer.pad_id, np.int32)
-        buf[:, :n] = rows
-        out = np.zeros((len(rows), max_new_tokens), np.int64)
+        from fot.inference import Session
+
+        ids = np.asarray([np.asarray(p).reshape(-1) for p in prompts_ids], np.int32)
+        n, total = ids.shape[1], ids.shape[1] + max_new_tokens - 1
+        session = Session(self.model, len(ids), window=total, last_context_length=n, memory=False,
+                          rope_len=total)
+        out = np.zeros((len(ids), max_new_tokens), np.int64)
+        last = session.feed(ids, out="last")
         for i in range(max_new_tokens):
-            out[:, i] = np.argmax(np.asarray(self.model.logits(buf)[:, n - 1 + i]), axis=-1)
+            out[:, i] = np.argmax(np.asarray(last), axis=-1)
             if i + 1 < max_new_tokens:
-                buf[:, n + i] = out[:, i]
+                last = session.feed(out[:, i:i + 1].astype(np.int32), out="last")
         return out.tolist()
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **_) -> list[int]:
@@ -364,7 +368,7 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     (config validated: a bad scaling dict or mode raises ConfigError naming the key)."""
     from flax import nnx
 
-    from fot.model.llama import Llama
+    from fot.model.llama import abstract_model
 
     cfg = model.config
     changes = {}
@@ -377,7 +381,7 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     if not changes:
         return model
     cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(abstract_model(cfg.model, cfg.memory))
     _, state = nnx.split(model.module)
     return dataclasses.replace(model, config=cfg, module=nnx.merge(graphdef, state))
 

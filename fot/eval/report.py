@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 import platform
 import sys
 from datetime import datetime, timezone

@@ -1,84 +1,17 @@
-"""Attention as combinable softmax partials.
-
-Every source of keys (the causal local window, the FoT memory, crossbatch contexts, kNN-retrieved
-keys) produces a `Partial`: the running max `m`, the sum of exponentials `l` and the unnormalised
-output `o`, all float32. `combine` merges them into ONE softmax over the concatenation of all keys,
-which is exactly what FoT prescribes, and lets blockwise kernels and memory lookups stay independent.
+"""Local causal attention of a layer, plain, blockwise, ring (sequence-sharded), S2 or cuDNN, joined
+with the extra sources (memory, crossbatch) in one softmax.
 
 Shapes: queries [B, T, H, D]; keys/values [B, S, K, D] with K kv heads (GQA: H = K * G).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite, so fully masked rows give zeros instead of NaNs
-
-
-class Partial(NamedTuple):
-    o: jax.Array  # [B, T, H, D] float32, sum_j exp(s_j - m) v_j
-    m: jax.Array  # [B, T, H] float32, max score (NEG_INF if nothing visible)
-    l: jax.Array  # [B, T, H] float32, sum_j exp(s_j - m)
-
-
-def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
-    """[B, T, H, D] -> [B, T, K, G, D]."""
-    b, t, h, d = q.shape
-    return q.reshape(b, t, kv_heads, h // kv_heads, d)
-
-
-def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> Partial:
-    """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S]).
-
-    Computed kv-head major ([B, K, G, T, S] scores, batch axes leading): XLA:CPU then runs each
-    product as one batched GEMM instead of transposing around it (3x faster on the tiny model).
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
-    kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
-    vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
-    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * d ** -0.5
-    if mask is not None:
-        mask = jnp.moveaxis(mask, 1, 3)  # [B, T, K|1, G|1, S] -> [B, K|1, G|1, T, S]
-        s = jnp.where(mask, s, NEG_INF)
-    m = jnp.max(s, axis=-1)
-    p = jnp.exp(s - m[..., None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)  # rows with nothing visible: zeros, not exp(0)
-    o = jnp.einsum("bkgts,bksd->bkgtd", p, vh)
-    back = lambda a: jnp.moveaxis(a, 3, 1).reshape(b, t, h, *a.shape[4:])
-    return Partial(back(o), back(m), back(jnp.sum(p, axis=-1)))
-
-
-def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None,
-                q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
-    """[B, T, 1, 1, S]: key visible iff its position <= the query's (and it is valid, and, given
-    segment ids [B, T] / [B, S], of the query's segment: packed documents do not see each other)."""
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]
-    if k_valid is not None:
-        mask = mask & k_valid[:, None, :]
-    if q_seg is not None:
-        mask = mask & (k_seg[:, None, :] == q_seg[:, :, None])
-    return mask[:, :, None, None, :]
-
-
-def combine(parts: list[Partial], dtype) -> jax.Array:
-    """Merge partials into the normalised output of one softmax over all their keys."""
-    m = parts[0].m
-    for p in parts[1:]:
-        m = jnp.maximum(m, p.m)
-    o = jnp.zeros_like(parts[0].o)
-    l = jnp.zeros_like(parts[0].l)
-    for p in parts:
-        c = jnp.exp(p.m - m)
-        o = o + p.o * c[..., None]
-        l = l + p.l * c
-    l = jnp.where(l == 0.0, 1.0, l)
-    return (o / l[..., None]).astype(dtype)
+from fot.model.blockwise import blockwise_partial
+from fot.model.partials import Partial, causal_mask, combine, dense_partial
+from fot.model.ring import ring_partial
 
 
 def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -89,9 +22,9 @@ def local_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
     if impl == "s2":  # training only (Llama.context): full attention at inference
         inner = "blockwise" if s2_group > block_size else "plain"
         return s2_partial(q, k, v, s2_group, k_valid, q_seg, k_seg, impl=inner, block_size=block_size)
+    if impl == "ring":  # training windows split over the sequence mesh axis (Llama.context)
+        return ring_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size, q_seg=q_seg, k_seg=k_seg)
     if impl in ("blockwise", "cudnn"):  # the fused cuDNN kernel yields no partial: blockwise instead
-        from fot.model.blockwise import blockwise_partial
-
         return blockwise_partial(q, k, v, q_pos, k_pos, k_valid, block_size=block_size,
                                  q_seg=q_seg, k_seg=k_seg)
     return dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg))

@@ -13,14 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fot.model.attention import NEG_INF, Partial, group_queries
-
-
-def merge(a: Partial, b: Partial) -> Partial:
-    """Partial of the union of two disjoint key sets (unnormalised, unlike attention.combine)."""
-    m = jnp.maximum(a.m, b.m)
-    ca, cb = jnp.exp(a.m - m), jnp.exp(b.m - m)
-    return Partial(a.o * ca[..., None] + b.o * cb[..., None], m, a.l * ca + b.l * cb)
+from fot.model.partials import NEG_INF, Partial, group_queries
 
 
 def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
@@ -41,7 +34,7 @@ def _blocks(x: jax.Array, size: int) -> jax.Array:
 def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                       k_valid: jax.Array | None = None, block_size: int = 512,
                       q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> Partial:
-    """Same Partial as attention.dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg)).
+    """Same Partial as partials.dense_partial(q, k, v, causal_mask(q_pos, k_pos, k_valid, q_seg, k_seg)).
 
     q [B, T, H, D], k/v [B, S, K, D], q_pos / q_seg [B, T], k_pos / k_valid / k_seg [B, S]. Any T
     and S: the last blocks are padded (padded keys are invalid, padded query rows are dropped).

@@ -28,7 +28,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from fot import sharding
-from fot.model import attention, rope
+from fot.model import partials, rope
 from fot.model.llama import MEMORY_FETCH
 
 
@@ -67,7 +67,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         pk, pv = checkpoint_name(sharding.previous_rows((k, v_new), r), MEMORY_FETCH)
         pk = pk.reshape(b, r * t, *pk.shape[3:])
         pv = pv.reshape(b, r * t, *pv.shape[3:])
-        part = attention.dense_partial(q, pk, pv, visible[:, :, None, None, :])
+        part = partials.dense_partial(q, pk, pv, visible[:, :, None, None, :])
         gate = module.mem_gate[...][slot] if module.mem.gate else None
         return [part], gate
 

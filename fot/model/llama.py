@@ -17,7 +17,7 @@ from flax import nnx
 
 from fot import sharding
 from fot.config import MemoryConfig, ModelConfig
-from fot.model import attention, rope
+from fot.model import attention, partials, ring, rope
 from fot.model.lora import LoRAProjection
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -69,7 +69,7 @@ class LocalContext:
 
 # A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values)
 #   -> (extra partials, optional gate logits [H]).
-MemoryFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[list[attention.Partial], jax.Array | None]]
+MemoryFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[list[partials.Partial], jax.Array | None]]
 
 
 class RMSNorm(nnx.Module):
@@ -196,12 +196,16 @@ class Llama(nnx.Module):
                 rope_len: int | None = None, segments: jax.Array | None = None,
                 training: bool = False) -> LocalContext:
         """`training`: the training step's windows, where model.attention='s2' applies (LongLoRA
-        trains with S2-Attn and infers with full attention: everywhere else it is 'auto')."""
+        trains with S2-Attn and infers with full attention: everywhere else it is 'auto'), and
+        where plain or blockwise attention becomes ring attention when the mesh splits the tokens
+        (mesh.sequence > 1)."""
         s = k_pos.shape[1]
         inv_freq, af = rope.rope_frequencies(self.cfg, rope_len or s)
         impl = self.cfg.attention
         if impl == "auto" or impl == "s2" and not training:
             impl = "blockwise" if s > self.cfg.blockwise_threshold else "plain"
+        if training and impl in ("plain", "blockwise") and ring.sequence_shards() > 1:
+            impl = "ring"
         return LocalContext(q_pos, k_pos, k_valid, jnp.asarray(inv_freq), af, impl,
                             self.cfg.attention_block_size, segments, self.cfg.s2_group_size or 0)
 
@@ -283,3 +287,9 @@ class Llama(nnx.Module):
 
 def init_model(cfg: ModelConfig, mem: MemoryConfig | None = None, seed: int = 0) -> Llama:
     return Llama(cfg, mem, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, mem: MemoryConfig | None = None) -> Llama:
+    """The model's structure with abstract arrays (shapes, dtypes, sharding names): nothing is
+    allocated. Split it and fill its parameters from a checkpoint or another module."""
+    return nnx.eval_shape(lambda: Llama(cfg, mem, rngs=nnx.Rngs(0)))

@@ -11,7 +11,7 @@ slice, gather or update by converting the WHOLE buffer to float32 first, which m
 token and every window's write cost O(capacity); integer buffers are sliced as they are, and only
 the block read is widened.
 
-Retrieval returns an `attention.Partial` (float32; scores scaled by 1/sqrt(head_dim), masked by
+Retrieval returns a `partials.Partial` (float32; scores scaled by 1/sqrt(head_dim), masked by
 validity) that `attention.attend` merges with the local window in ONE softmax. Dense and exact kNN
 loop over the filled blocks only (a `fori_loop` whose trip count follows the fill count), so their
 cost grows with what is stored, not with the capacity.
@@ -37,8 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot.config import MemoryConfig, ModelConfig
-from fot.model.attention import NEG_INF, Partial, group_queries
-from fot.model.blockwise import merge
+from fot.model.partials import NEG_INF, Partial, group_queries, merge
 
 log = logging.getLogger(__name__)
 
