@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fot: error: {e}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    if name == "eval harness":  # lm-eval's own command line reads sys.argv
-        sys.argv = [sys.argv[0], *args]
-        return module.main() or 0
-    return module.main(args)
+    return importlib.import_module(COMMANDS[name][0]).main(args)
 
 
 if __name__ == "__main__":

@@ -108,12 +108,14 @@ class FotLM(LM):
         return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv[0] = "python -m fot.eval.harness"
+    # lm-eval's own command line reads sys.argv
+    sys.argv = ["python -m fot.eval.harness", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -231,19 +231,13 @@ class FullAttention:
 
     def greedy(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy tokens of equally long prompts decoded as one batch (each row as if alone)."""
-        from fot.inference import Session
+        from fot.inference import Session, generate
 
         ids = np.asarray([np.asarray(p).reshape(-1) for p in prompts_ids], np.int32)
         n, total = ids.shape[1], ids.shape[1] + max_new_tokens - 1
-        session = Session(self.model, len(ids), window=total, last_context_length=n, memory=False,
-                          rope_len=total)
-        out = np.zeros((len(ids), max_new_tokens), np.int64)
-        last = session.feed(ids, out="last")
-        for i in range(max_new_tokens):
-            out[:, i] = np.argmax(np.asarray(last), axis=-1)
-            if i + 1 < max_new_tokens:
-                last = session.feed(out[:, i:i + 1].astype(np.int32), out="last")
-        return out.tolist()
+        empty = Session(self.model, len(ids), window=total, last_context_length=n, memory=False,
+                        rope_len=total)
+        return generate(self.model, ids, max_new_tokens, session=empty, stop_at_eos=False).tolist()
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, **_) -> list[int]:
         if temperature != 0.0:
