@@ -3,8 +3,8 @@
     python -m bench.bench_suite [--tasks niah_prose,niah_stdlib,niah_multikey,vt,cwe,fwe]
         [--length 65536] [--prompts 100]
 
-Each prompt is fitted to the exact length (fot.data.tasks.fit: interpolation, then bisection, then
-a pad); the table gives the seconds for all prompts, per prompt, and the tokenizer calls per prompt
+Each prompt is fitted to the exact length (fot.data.tasks.fit: the secant method to within a few
+tokens, then a pad); the table gives the seconds for all prompts, per prompt, and the tokenizer calls per prompt
 (a plain bisection over the haystack size, RULER's search, needs about log2(size) ~ 17 of them).
 Tokenizers: bytes and, when ../shared/tokenizers holds it, OpenLLaMA v2's SentencePiece model.
 """

@@ -88,6 +88,23 @@ def test_byte_prompts_have_the_exact_length_and_the_solvers_answer(name):
             assert p.answer == " " + ", ".join(p.expected) + "."
 
 
+def test_a_haystack_fits_bytes_in_two_whole_prompt_encodes_without_a_pad():
+    """The search's first step assumes a character per token: exact for bytes, so a needle
+    prompt takes the minimal prompt, one full prompt and the needle's prefix, and no pad."""
+    calls = []
+
+    class Counting(ByteTokenizer):
+        def encode(self, text, bos=True, eos=False):
+            calls.append(len(text))
+            return super().encode(text, bos, eos)
+
+    for name in ("niah_prose", "niah_stdlib", "vt"):
+        calls.clear()
+        p = tasks.parse_task(name).build(Counting(), 20000, 0.5, [1])
+        assert len(p.ids) == 20000 and p.info["pad"] == 0
+        assert sum(n > 1000 for n in calls) == 2, (name, calls)
+
+
 @pytest.mark.parametrize("spm", ["open_llama_v1.model", "open_llama_v2.model"])
 def test_sentencepiece_prompts_have_the_exact_length(spm):
     from conftest import SHARED_TOKENIZERS

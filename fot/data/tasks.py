@@ -21,8 +21,8 @@ the interpreter's own standard library (as builtin:stdlib).
   coded words (the most frequent one is the noise "...."); expected: the `top` next most frequent.
 
 Exact length: a prompt is the task's text at some size (haystack characters; list entries for cwe
-and fwe), found by interpolation and bisection, and, if no size tokenizes to exactly the target
-(a jump of two tokens, or a list entry of several), a pad of " ." units after the context. A
+and fwe), found by the secant method to within a few tokens of the target, and, unless that size
+tokenizes to exactly the target, a pad of ". " units after the context that fills the rest. A
 needle's depth d puts it at the start of the sentence (line, for line-based haystacks) that holds
 the context character round(d * n), n the haystack's characters; the first needle of the first asked
 key (vt: the asked chain's value) is the one at the asked depth, the others at seeded uniform depths
@@ -68,7 +68,8 @@ VERBS = ("admires builds carries chases cleans covers crosses drags drops finds 
 PREPOSITIONS = "above across after behind below beside beyond near past toward under within".split()
 
 NOISE_WORD = "...."  # fwe: the most frequent word, to be ignored (RULER's "dots")
-PAD_UNIT = " ."
+PAD_UNIT = ". "
+PAD_SLACK = 8  # fit: the size search stops this many tokens short at most; the pad fills the rest
 
 
 class TaskError(ValueError):
@@ -164,15 +165,21 @@ def insert(hay: str, items: Sequence[tuple[float, str]], line: bool) -> tuple[st
 
 
 def pad(k: int) -> str:
-    """k characters of " ." units: one token per character for the byte tokenizer."""
-    return PAD_UNIT * (k // 2) + PAD_UNIT[1:] * (k % 2)
+    """The first k characters of ". . . ": one token per character for the byte tokenizer, and
+    never two spaces in a row (OpenLLaMA v1's tokenizer merges them), whatever precedes it."""
+    return (PAD_UNIT * (k // 2 + 1))[:k]
 
 
 def fit(tokenizer, target: int, make: Callable[[int, str], str], min_size: int, where: str
         ) -> tuple[int, str, str, list[int]]:
     """(size, pad, text, ids) with len(ids) == target (BOS counted): make(size, pad) at the size
-    found by interpolation and bisection between min_size and the first size that overshoots, then,
-    if no size hits the target exactly, the shortest pad that does (at that size or a few below)."""
+    found by the secant method from min_size (within the bracket once a size overshoots; a
+    bisection if it keeps landing on one side) until it is at most PAD_SLACK tokens short, then,
+    unless it hits the target, the pad that fills the rest (at that size or a few below). Each step
+    encodes the whole prompt, so the steps are few: the first assumes the minimal prompt's units of
+    size per token (one character per token when min_size is 0: exact for bytes), later ones go
+    through the last two points; near the target a size step moves the count by 0-2 tokens, and a
+    pad unit by one."""
     def count(size: int, p: str = "") -> tuple[str, list[int]]:
         text = make(size, p)
         return text, tokenizer.encode(text, bos=True)
@@ -181,35 +188,36 @@ def fit(tokenizer, target: int, make: Callable[[int, str], str], min_size: int, 
     if len(ids) > target:
         raise TaskError(f"{where}: length {target} is below the task's minimal prompt ({len(ids)} "
                         f"tokens with this tokenizer)")
-    t_min = len(ids)
-    lo, t_lo, hi, t_hi, best = min_size, t_min, None, None, (min_size, text, ids)
+    lo, t_lo, hi, best = min_size, len(ids), None, (min_size, text, ids)
+    last = [(min_size, len(ids))]  # the points the secant goes through, newest last
     sides = ""  # which end of the bracket each step moved ("l"/"h")
-    while t_lo < target and (hi is None or hi - lo > 1):
-        if hi is None:  # extrapolate the sizes per token seen so far, 2% beyond, to overshoot soon
-            rate = (lo - min_size) / (t_lo - t_min) if t_lo > t_min else 1.0
-            x = lo + max(int((target - t_lo) * rate * 1.02) + 1, 1)
-        elif sides[-2:] in ("ll", "hh"):  # interpolation stuck on one side: bisect once
-            x = (lo + hi) // 2
-        else:
-            x = min(max(lo + round((target - t_lo) * (hi - lo) / (t_hi - t_lo)), lo + 1), hi - 1)
+    while t_lo < target - PAD_SLACK and (hi is None or hi - lo > 1):
+        if len(last) == 1:  # the minimal prompt's units per token (cwe, fwe: words), else one
+            x = lo + max(round((target - t_lo) * (lo / t_lo if lo else 1.0)), 1)
+        elif hi is not None and sides[-3:] in ("lll", "hhh"):  # the secant stuck on one side: bisect
+            x, sides = (lo + hi) // 2, ""
+        else:  # aim at the middle of the pad's range
+            (x0, t0), (x1, t1) = last[-2:]
+            x = x1 + round((target - PAD_SLACK // 2 - t1) * (x1 - x0) / (t1 - t0)) if t1 != t0 else x1 + 1
+        x = max(x, lo + 1) if hi is None else min(max(x, lo + 1), hi - 1)
         text, ids = count(x)
+        last.append((x, len(ids)))
         if len(ids) <= target:
             lo, t_lo, best, sides = x, len(ids), (x, text, ids), sides + "l"
         else:
-            hi, t_hi, sides = x, len(ids), sides + "h"
-        if sides[-3:-1] in ("ll", "hh"):
-            sides = sides[-1]  # after a bisection, interpolate again
+            hi, sides = x, sides + "h"
     if t_lo == target:
         return best[0], "", best[1], best[2]
-    per_char = len(tokenizer.encode(pad(64), bos=False)) / 64  # where to start the pad search
-    for size in range(lo, max(lo - 8, min_size - 1), -1):  # pad: fill the last few tokens
-        gap = target - len(count(size)[1])
-        for k in range(max(int(gap / per_char) - 2, 1), int(4 * gap / per_char) + 8):
+    per_char = len(tokenizer.encode(pad(64), bos=False)) / 64
+    for size in range(lo, max(lo - 8, min_size - 1), -1):
+        gap = target - (t_lo if size == lo else len(count(size)[1]))
+        k, tried = max(round(gap / per_char), 1), set()
+        while k >= 1 and k not in tried:  # walk k towards the target until it is hit or crossed
             text, ids = count(size, pad(k))
+            tried.add(k)
             if len(ids) == target:
                 return size, pad(k), text, ids
-            if len(ids) > target + 2:
-                break
+            k += 1 if len(ids) < target else -1
     raise TaskError(f"{where}: no prompt of exactly {target} tokens found with this tokenizer")
 
 
