@@ -123,7 +123,8 @@ def exact_top(q, x, k):
     return np.argsort(-(q @ x.T), axis=1)[:, :k]
 
 
-def test_ivf_recall_and_full_probe_is_exact():
+@pytest.mark.parametrize("loop", [True, False])  # CPU's per-slice loop, GPU/TPU's batched gather
+def test_ivf_recall_and_full_probe_is_exact(loop):
     n, d, k, c = 4096, 16, 32, 32
     x, centers = clustered(n, d, 64, seed=4)
     q = centers[np.random.RandomState(5).randint(0, 64, 64)] + np.random.RandomState(6).randn(64, d)
@@ -135,7 +136,7 @@ def test_ivf_recall_and_full_probe_is_exact():
     sk, so = M.sorted_layout(jnp.asarray(x), order, cap)
     want = exact_top(q, x, k)
     for probe, min_recall in ((lists, 1.0), (8, 0.9)):
-        s, i = M.ivf_search(jnp.asarray(q), cent, starts, sizes, sk, so, k, probe, cap)
+        s, i = M.ivf_search(jnp.asarray(q), cent, starts, sizes, sk, so, k, probe, cap, loop=loop)
         i = np.asarray(i)
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(i, want)])
         assert recall >= min_recall, (probe, recall)

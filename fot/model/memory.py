@@ -373,35 +373,50 @@ def _pow2(x: int) -> int:
 
 def ivf_search(q: jax.Array, centroids: jax.Array, starts: jax.Array, sizes: jax.Array,
                sorted_keys: jax.Array, order: jax.Array, k: int, probe: int, cap: int,
-               chunk: int = 32) -> tuple[jax.Array, jax.Array]:
-    """Approximate top-k inner products of queries q [Q, D] (float32) with the keys of one kv head:
-    (scores, original slots) [Q, k]; missing candidates score NEG_INF.
+               loop: bool | None = None, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+    """Approximate top-k inner products of queries q [..., Q, D] (float32) with the keys of their
+    index (leading axes shared by every argument, e.g. row and kv head): (scores, original slots)
+    [..., Q, k]; missing candidates score NEG_INF.
 
     centroids/starts/sizes: per inverted list (see build_ivf); probe counts lists. sorted_keys
-    [A + cap, D] / order [A + cap]: keys sorted by cluster, zero padded; each probed list is read as
-    one contiguous slice of `cap` rows. Queries go `chunk` at a time (lax.map)
-    so the gathered candidates stay small: [chunk, probe, cap, D].
+    [..., A + cap, D] / order [..., A + cap]: keys sorted by cluster, zero padded; each probed list
+    is read as one contiguous slice of `cap` rows. `loop` (default: on CPU) reads each (query,
+    list) slice in a loop: XLA:CPU's batched gather of the same rows was ~3x slower than this whole
+    search (262k keys, bench_retrieval). Otherwise (GPU/TPU, where a loop would be thousands of
+    kernel launches) one gather per `chunk` queries (lax.map), [chunk, probe, cap, D] at a time.
     """
-    probe = min(probe, centroids.shape[0])
+    lead, (qn, d) = q.shape[:-2], q.shape[-2:]
+    flat = lambda a, nd: a.reshape(-1, *a.shape[a.ndim - nd:])  # noqa: E731
+    q, centroids, sorted_keys = flat(q, 2), flat(centroids, 2), flat(sorted_keys, 2)
+    starts, sizes, order = flat(starts, 1), flat(sizes, 1), flat(order, 1)
+    g = q.shape[0]
+    probe = min(probe, centroids.shape[1])
     kk = min(k, probe * cap)
+    cs = jnp.where(sizes[:, None] > 0, jnp.einsum("gqd,gld->gql", q, centroids), -jnp.inf)
+    _, cl = jax.lax.top_k(cs, probe)  # [G, Q, P]
+    st, sz = jax.vmap(lambda a, c: a[c])(starts, cl), jax.vmap(lambda a, c: a[c])(sizes, cl)
+    if jax.default_backend() == "cpu" if loop is None else loop:
+        def body(j, s):
+            h, i, p = j // (qn * probe), j // probe % qn, j % probe
+            rows = jax.lax.dynamic_slice(sorted_keys, (h, st[h, i, p], 0), (1, cap, d))[0]
+            return jax.lax.dynamic_update_slice(s, (_f32(rows) @ q[h, i])[None, None, None], (h, i, p, 0))
 
-    def one(qc):  # [chunk, D]
-        cs = jnp.where(sizes > 0, qc @ centroids.T, -jnp.inf)
-        _, cl = jax.lax.top_k(cs, probe)  # [c, P]
-        st, sz = starts[cl], sizes[cl]
-        take = lambda a: jax.vmap(jax.vmap(lambda s0: jax.lax.dynamic_slice_in_dim(a, s0, cap)))(st)
-        rows, ids = take(sorted_keys), take(order)  # [c, P, cap, D], [c, P, cap]
-        s = jnp.einsum("cd,cpsd->cps", qc, _f32(rows))
-        s = jnp.where(jnp.arange(cap) < sz[..., None], s, NEG_INF).reshape(qc.shape[0], -1)
-        top_s, pos = jax.lax.top_k(s, kk)
-        return top_s, jnp.take_along_axis(ids.reshape(qc.shape[0], -1), pos, axis=-1)
+        s = jax.lax.fori_loop(0, g * qn * probe, body, jnp.zeros((g, qn, probe, cap), jnp.float32))
+    else:
+        def one(keys, qi, sti):  # one query [D], its lists' starts [P] -> [P, cap]
+            rows = jax.vmap(lambda s0: jax.lax.dynamic_slice_in_dim(keys, s0, cap))(sti)
+            return jnp.einsum("d,psd->ps", qi, _f32(rows))
 
-    top_s, top_i = jax.lax.map(one, q.reshape(-1, 1, q.shape[-1]), batch_size=chunk)
-    top_s, top_i = top_s[:, 0], top_i[:, 0]
+        s = jax.vmap(lambda keys, qh, sth: jax.lax.map(lambda a: one(keys, *a), (qh, sth), batch_size=chunk)
+                     )(sorted_keys, q, st)
+    s = jnp.where(jnp.arange(cap) < sz[..., None], s, NEG_INF).reshape(g, qn, probe * cap)
+    top_s, pos = jax.lax.top_k(s, kk)
+    at = jnp.take_along_axis(st, pos // cap, axis=-1) + pos % cap
+    top_i = jax.vmap(lambda o, i: o[i])(order, at)
     if kk < k:
-        top_s = jnp.pad(top_s, ((0, 0), (0, k - kk)), constant_values=NEG_INF)
-        top_i = jnp.pad(top_i, ((0, 0), (0, k - kk)))
-    return top_s, top_i
+        top_s = jnp.pad(top_s, ((0, 0), (0, 0), (0, k - kk)), constant_values=NEG_INF)
+        top_i = jnp.pad(top_i, ((0, 0), (0, 0), (0, k - kk)))
+    return top_s.reshape(*lead, qn, k), top_i.reshape(*lead, qn, k)
 
 
 def ivf(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array, count: jax.Array,
@@ -413,9 +428,8 @@ def ivf(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array, coun
     d = q.shape[-1]
     qh = _heads_major(q, keys.shape[1])
     cap = index.sorted_keys.shape[-2] - keys.shape[2]
-    search = lambda *a: ivf_search(*a, k=k, probe=probe, cap=cap)
-    top_s, top_i = jax.vmap(jax.vmap(search))(qh * d ** -0.5, index.centroids, index.starts,
-                                              index.sizes, index.sorted_keys, index.order)
+    top_s, top_i = ivf_search(qh * d ** -0.5, index.centroids, index.starts, index.sizes,
+                              index.sorted_keys, index.order, k=k, probe=probe, cap=cap)
     found = _gathered_partial(top_s, top_i, values)
 
     def body(i, acc):
