@@ -26,8 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval perplexity": ("fot.eval.perplexity", "perplexity against context length"),
     "eval suite": ("fot.eval.suite", "the RULER-style task suite with effective lengths"),
     "eval harness": ("fot.eval.harness", "lm-evaluation-harness with the `fot` model (extra .[eval])"),
-    "experiment passkey": ("experiments.passkey_retrieval", "FoT against the RoPE-scaling baselines"),
-    "experiment sweep": ("experiments.sweep", "train and evaluate a grid of config overrides"),
+    "experiment passkey": ("fot.experiments.passkey_retrieval", "FoT against the RoPE-scaling baselines"),
+    "experiment sweep": ("fot.experiments.sweep", "train and evaluate a grid of config overrides"),
 }
 
 

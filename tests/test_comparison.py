@@ -137,8 +137,8 @@ def test_report_splits_by_key_place_seeds_and_named_task(tmp_path):
 
 
 def test_gather_pools_the_finished_seeds(tmp_path):
-    from experiments import passkey_retrieval
-    from experiments.config import load_experiment
+    from fot.experiments import passkey_retrieval
+    from fot.experiments.config import load_experiment
 
     ef = load_experiment(CONFIGS / "passkey_tiny.yaml")
     for s, ok in ((0, True), (1, False)):
@@ -169,10 +169,8 @@ def _small(cfg, **train):
 def test_every_shipped_baseline_trains(path, tmp_path, monkeypatch):
     """The baseline (and its fine-tunes) of each shipped comparison reads window-long documents from
     its data and takes training steps (a smaller model at the same window, rows and data)."""
-    import dataclasses
-
-    from experiments import passkey_retrieval
-    from experiments.config import load_experiment
+    from fot.experiments import passkey_retrieval
+    from fot.experiments.config import load_experiment
     from fot.train import train
 
     monkeypatch.setenv("FOT_PEAK_FLOPS", "1e12")
@@ -191,7 +189,7 @@ def test_git_dirty_ignores_results_but_not_code(tmp_path):
     """Results written by other runs do not make a run 'dirty'; an uncommitted code change does."""
     import subprocess
 
-    from experiments.provenance import git_info
+    from fot.experiments.provenance import git_info
 
     def git(*args):
         subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,

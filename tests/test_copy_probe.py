@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import copy_probe
+from fot.experiments import copy_probe
 from fot import ConfigError
 from fot.data.tokenizer import load_tokenizer
 
@@ -35,7 +35,7 @@ def test_probe_runs_and_reports(capsys):
 
 
 def test_induction_rows_repeat_their_prefix_exactly_where_marked():
-    from experiments import induction_probe
+    from fot.experiments import induction_probe
 
     rng = np.random.default_rng(0)
     for variable in (False, True):
@@ -48,7 +48,7 @@ def test_induction_rows_repeat_their_prefix_exactly_where_marked():
 
 
 def test_induction_probe_runs_and_rejects_a_too_large_alphabet(capsys, monkeypatch):
-    from experiments import induction_probe
+    from fot.experiments import induction_probe
 
     built = []
     real_init = induction_probe.init_model

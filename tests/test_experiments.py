@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from fot.config import ConfigError
-from experiments import passkey_retrieval, sweep
-from experiments.config import SweepConfig, load_experiment
-from experiments.methods import parse_method
+from fot.experiments import passkey_retrieval, sweep
+from fot.experiments.config import SweepConfig, load_experiment
+from fot.experiments.methods import parse_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
@@ -79,7 +79,7 @@ def test_bad_inputs_name_key_and_file(tmp_path):
     assert "experiment.lengths" in msg and "below the passkey prompt's fixed part" in msg
     assert "experiment.lengths[0]" in error(experiment={"lengths": ["4q"]})
     assert "raise memory.capacity" in error(memory={"capacity": 300})
-    assert "python -m experiments.sweep" in error(sweep={"axes": {"train.seed": [0, 1]}})
+    assert "python -m fot.experiments.sweep" in error(sweep={"axes": {"train.seed": [0, 1]}})
     assert "unknown key 'train.sed'" in error(experiment={"baseline_overrides": ["train.sed=1"]})
     # The baseline's 256-token window: documents of at most 200 bytes never fill it.
     msg = error(data={"sources": [{"path": "builtin:passkey", "min_chars": 100, "max_chars": 200}]},
@@ -124,7 +124,7 @@ def test_baseline_sees_a_pack_per_row_with_the_same_tokens_per_step(tmp_path):
 
 def test_a_run_dir_of_another_config_is_an_error(tmp_path):
     from fot.config import save_config
-    from experiments.training import check_same_run
+    from fot.experiments.training import check_same_run
 
     cfg = load_experiment(write_config(tmp_path)).config
     save_config(cfg, tmp_path / "config.yaml")

@@ -12,7 +12,7 @@ from fault_injection import kill_resume
 from fot.checkpoint import DamagedCheckpoint
 from fot.config import ConfigError, load_config
 from fot.train import main
-from test_train import TINY, losses, write_config
+from test_train import losses, write_config
 
 os.environ.setdefault("FOT_PEAK_FLOPS", "1e10")
 BASE = 6  # steps of the run the damage tests start from: checkpoints 2, 4, 6

@@ -1,6 +1,6 @@
 """FoT vs RoPE-scaling baselines on passkey retrieval, from one config:
 
-    python -m experiments.passkey_retrieval CONFIG [key=value ...] [--seed S] [--train-only M,...]
+    python -m fot.experiments.passkey_retrieval CONFIG [key=value ...] [--seed S] [--train-only M,...]
         [--gather] [--out DIR]
 
 Trains (or reuses, when finished) the models the methods need, per training seed of
@@ -31,10 +31,10 @@ from pathlib import Path
 
 from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
 
-from experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
-from experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method, write_reports
-from experiments.provenance import run_meta
-from experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
+from fot.experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
+from fot.experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method, write_reports
+from fot.experiments.provenance import run_meta
+from fot.experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
 
 
 def baseline_config(cfg: Config, overrides: tuple[str, ...] = (), where: str = "<baseline>") -> Config:
@@ -100,7 +100,7 @@ def plan(ef: ExperimentFile, out: Path, seed: int | None = None) -> tuple[dict[s
     methods; every input error is raised here, before any training."""
     where = ef.where
     if ef.sweep is not None:
-        raise ConfigError(f"{where}: has a sweep block; run it with python -m experiments.sweep")
+        raise ConfigError(f"{where}: has a sweep block; run it with python -m fot.experiments.sweep")
     cfg = ef.config
     specs = ef.experiment.methods or DEFAULT_METHODS
     methods = []
@@ -159,7 +159,7 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
         raise ConfigError(f"{ef.where}: --train-only {','.join(missing)}: no method of experiment.methods "
                           f"uses it")
     needed = [n for n in MODELS if n in wanted or any(PARENT.get(w) == n for w in wanted)]
-    meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
+    meta = {"experiment": ef.name, **run_meta("fot.experiments.passkey_retrieval", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ex),
             "training_seed": seed, "configs": {n: cfgs[n].to_dict() for n in needed}, "training": {},
             "methods": {}}
@@ -208,7 +208,7 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
                                                "training", "methods") if k in data}
     if not seeds:
         raise ConfigError(f"{out}: no finished seed to gather (run --seed S first)")
-    meta = {"experiment": ef.name, **run_meta("experiments.passkey_retrieval", argv), "config_file": ef.path,
+    meta = {"experiment": ef.name, **run_meta("fot.experiments.passkey_retrieval", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ef.experiment),
             "seeds": seeds}
     return write_reports(out, trials, meta, f"passkey retrieval: {ef.name}, training seeds {', '.join(seeds)}",
@@ -216,7 +216,7 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.passkey_retrieval",
+    ap = argparse.ArgumentParser(prog="python -m fot.experiments.passkey_retrieval",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="experiment config (e.g. configs/experiments/passkey_tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 experiment.trials=2")

@@ -1,6 +1,6 @@
 """Ablation grids: train and evaluate every cell of a grid of config overrides.
 
-    python -m experiments.sweep configs/experiments/ablation_tiny.yaml [key=value ...] [--out DIR]
+    python -m fot.experiments.sweep configs/experiments/ablation_tiny.yaml [key=value ...] [--out DIR]
         [--task-index I --num-tasks N] [--gather]
 
 The `sweep:` block of the config lists `axes` (dotted config key -> values; the grid is their
@@ -42,10 +42,10 @@ from typing import Any
 
 from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
 
-from experiments.config import ExperimentFile, check_capacity, load_experiment
-from experiments.methods import write_reports
-from experiments.provenance import run_meta
-from experiments.training import Interrupted, check_same_run, ensure_trained
+from fot.experiments.config import ExperimentFile, check_capacity, load_experiment
+from fot.experiments.methods import write_reports
+from fot.experiments.provenance import run_meta
+from fot.experiments.training import Interrupted, check_same_run, ensure_trained
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def plan(ef: ExperimentFile, out: Path) -> list[Cell]:
     where = ef.where
     if ef.sweep is None:
         raise ConfigError(f"{where}: no sweep block; a single comparison runs with "
-                          f"python -m experiments.passkey_retrieval")
+                          f"python -m fot.experiments.passkey_retrieval")
     if ef.experiment.methods or ef.experiment.baseline_overrides:
         raise ConfigError(f"{where}: experiment.methods and experiment.baseline_overrides do not apply to "
                           f"a sweep; vary memory.retrieval / memory.knn_k as sweep axes instead")
@@ -211,7 +211,7 @@ def run_task(ef: ExperimentFile, out: Path, task_index: int = 0, num_tasks: int 
         report.write_json(result_path(out, cell), {
             "cell": cell.name, "index": cell.index, "overrides": cell.overrides,
             "train_run": cell.train_name, "training": training, "method": method,
-            "accuracy": {str(n): a for (n,), a in acc.items()}, **run_meta("experiments.sweep", argv),
+            "accuracy": {str(n): a for (n,), a in acc.items()}, **run_meta("fot.experiments.sweep", argv),
             "config": config, "trials": trials})
     return todo
 
@@ -234,7 +234,7 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
 
     trials = [{**t, "method": group(c)} for c in cells if c.name in results for t in results[c.name]["trials"]]
     missing = [c.name for c in cells if c.name not in results]
-    meta = {"experiment": ef.name, **run_meta("experiments.sweep", argv), "config_file": ef.path,
+    meta = {"experiment": ef.name, **run_meta("fot.experiments.sweep", argv), "config_file": ef.path,
             "overrides": list(ef.overrides), "experiment_config": dataclasses.asdict(ef.experiment),
             "sweep": dataclasses.asdict(ef.sweep), "base_config": ef.config.to_dict(), "missing": missing,
             "cells": [{k: v for k, v in results[c.name].items() if k != "trials"} for c in cells
@@ -252,7 +252,7 @@ def gather(ef: ExperimentFile, out: Path, argv: list[str] | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fot.experiments.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="experiment config with a sweep block (configs/experiments/ablation_tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     ap.add_argument("--out", default=None, help="output directory (default experiments/results/<name>)")

@@ -17,7 +17,7 @@ a `ConfigError` naming the dotted key and the file.
       named_methods: [fot-dense]  # which methods run it (default: every method with memory)
       suite: [niah_multikey, vt]  # RULER-style tasks (fot.eval.suite) at the same lengths and trials
       suite_threshold: 0.85       # accuracy that defines a task's effective length
-    sweep:                        # experiments.sweep only
+    sweep:                        # fot.experiments.sweep only
       axes: {train.cross_batch_range: [0, 1, 3]}  # or cells: [{key: value, ...}, ...]
 
 `key=value` overrides from the command line apply to the whole file (`experiment.trials=2` too).

@@ -14,7 +14,7 @@ from fot.eval import report
 def git_info(root: Path | None = None) -> dict[str, Any]:
     """The commit of this checkout and whether it has uncommitted changes (None outside git). The
     results folder is left out: other runs write their outputs there while this one runs."""
-    root = root or Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
         try:

@@ -1,6 +1,6 @@
 """Does the config's architecture learn a copy circuit on the simplest copy task?
 
-    python -m experiments.induction_probe configs/tiny.yaml [key=value ...] [--offset variable] [--alphabet 26]
+    python -m fot.experiments.induction_probe configs/tiny.yaml [key=value ...] [--offset variable] [--alphabet 26]
                                           [--half 32] [--batch 32] [--steps 1000] [--lr 1e-3]
                                           [--short-steps 0 --short-half 8] [--memory-layers]
 

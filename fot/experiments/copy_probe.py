@@ -1,6 +1,6 @@
 """Does an architecture learn to copy the pass key at all? The question behind a 0% passkey result.
 
-    python -m experiments.copy_probe configs/tiny.yaml [--steps 800] [--batch 16] [--window 320]
+    python -m fot.experiments.copy_probe configs/tiny.yaml [--steps 800] [--batch 16] [--window 320]
                                                        [--lists 0.5] [--lr 3e-3] [--every 100]
 
 Trains the config's model (and its train.* optimizer settings) *without* memory layers or crossbatch, full causal attention, on passkey
