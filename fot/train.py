@@ -34,7 +34,8 @@ reads back intact (each carries checksums of its arrays; damaged newer ones are 
 damaged_checkpoints/ with a warning), on any mesh, and gives exactly the losses of an uninterrupted
 run. A config that trains differently from the run's (fot.config.trajectory_changes) is refused
 unless `--accept-changes`. SIGTERM/SIGINT save a checkpoint and exit; a non-finite loss stops the
-run with a checkpoint of the last good step (the step that produced it is not applied).
+run with a checkpoint of the last good step (the step that produced it is not applied). The loop
+itself is fot/trainer.py: logging and both stops are hooks; `train(cfg, hooks=[...])` adds yours.
 
 LoRA (`model.lora.rank` > 0, fot/model/lora.py): the step differentiates only the trainable
 parameters (the adapters, and with LoRA+ the embeddings and norms), the optimizer state exists for
@@ -61,6 +62,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,27 +73,23 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot import flops, sharding
-from fot.checkpoint import (CheckpointError, restore_latest, run_finished, save_final_model,
-                            save_train_state)
+from fot.checkpoint import CheckpointError, restore_latest, run_finished, save_final_model
 from fot.config import Config, ConfigError, load_config, save_config, trajectory_changes
 from fot.convert import _local_dir, load_model
 from fot.data.pipeline import BatchStream, merge_states
 from fot.data.sources import DataError, open_source
 from fot.data.tokenizer import load_tokenizer
-from fot.metrics import TensorBoard, keep_steps_up_to, last_loss, progress_bar
+from fot.metrics import last_loss
 from fot.model.crossbatch import crossbatch_memory
 from fot.model import lora
 from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
+from fot.trainer import Hook, Log, StopOnNonFinite, StopOnSignal, Trainer, TrainError
 
 CHANGES_FILE = "config_changes.jsonl"  # config changes accepted on resume, with their step
 BATCH_KEYS = ("inputs", "targets", "loss_mask")  # what the step reads of a pipeline batch
 MEMORY_SCOPE = "fot_memory"  # named scope of the memory-layer code, to find its ops in the HLO
-
-
-class TrainError(RuntimeError):
-    """The run cannot start or continue (missing weights or data, non-finite loss, ...)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,12 +418,14 @@ def _restore_data(stream, state: dict, changes: dict, say) -> None:
             f"stream starts from its beginning")
 
 
-def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> dict:
+def train(cfg: Config, progress: bool = True, accept_changes: bool = False,
+          hooks: Sequence[Hook] = ()) -> dict:
     """Run (or resume) training; returns a summary dict. Raises TrainError on a non-finite loss, and
     ConfigError when resuming a run whose config trains differently, unless `accept_changes` (then
-    the changes are recorded in run_dir/config_changes.jsonl with the step they took effect)."""
+    the changes are recorded in run_dir/config_changes.jsonl with the step they took effect).
+    `hooks` (fot.trainer.Hook) run after the built-in ones: non-finite stop, signals, logging."""
     if cfg.train.stages:
-        return _train_stages(cfg, progress, accept_changes)
+        return _train_stages(cfg, progress, accept_changes, hooks)
     _validate(cfg)
     tr = cfg.train
     run_dir = Path(tr.run_dir)
@@ -441,7 +441,6 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     say(_describe(mesh))
 
-    lr_at = schedule(tr)
     mngr, start, state, meta = restore_latest(run_dir, tr.keep_checkpoints, plan.abstract, say)
     rng = jax.random.key_data(jax.random.key(tr.seed))  # no dropout: saved for completeness
     if state is None:
@@ -459,133 +458,43 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False) -> d
                 f.write(json.dumps(record) + "\n")
             say(f"accepted config changes from step {start}: {', '.join(changes)}")
 
-    data_state = {start: stream.state()}  # this process's data position after each step, kept
-    # for in-flight steps
-    batch = plan.put_batch(next(stream)) if start < tr.steps else None
-    if batch is not None:
+    if start < tr.steps:
         compiled = plan.compile()
         say(f"compiled train step; memory per device: "
             f"{ {k: _gib(v) for k, v in _memory_report(compiled).items()} }")
-
-    tokens = tr.batch_size * plan.window
+    else:
+        compiled = None
     fpt = flops.train_flops_per_token(cfg)
     peak, n_peak, peak_src = flops.system_peak_flops(mesh.devices.flat)
-    tb = TensorBoard(run_dir) if lead else None
-    if lead:  # also at step 0: a life killed before its first checkpoint logged steps too
-        tb.restart(start + 1)  # readers drop the steps an interrupted run logged after `start`
-        keep_steps_up_to(run_dir / "metrics.jsonl", start)
-    log = open(run_dir / "metrics.jsonl", "a") if lead else None
-    bar = progress_bar(start, tr.steps, disable=not (progress and lead))
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def stopping(step: int) -> bool:
-        """A signal may reach the processes at different steps; several processes compare notes
-        at logging steps (a small blocking collective) so that all stop after the same step."""
-        if jax.process_count() == 1:
-            return stop["signal"] is not None
-        if step % tr.log_every:
-            return False
-        got = int(np.max(multihost_utils.process_allgather(np.int32(stop["signal"] or 0))))
-        stop["signal"] = got or None
-        return stop["signal"] is not None
-
-    def meta(step: int) -> dict:
-        """A checkpoint's metadata. With several processes a collective (every process saves at
-        the same steps): the data position joins all processes' pack slots."""
-        return {"step": step, "rng": np.asarray(rng).tolist(), "data": _all_slots(data_state[step])}
-
-    last = {"time": time.perf_counter(), "loss": math.nan}
-    summary = {"start_step": start, "steps": tr.steps}
-
-    def finish(step: int, metrics) -> None:
-        """Handle step `step`'s metrics (blocks until that step is done)."""
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        dt, last["time"] = now - last["time"], now
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            # The device state halted at `good` (this step and any in flight after it left it as it
-            # was), so checkpoints saved since hold good's state under later numbers: they go, and
-            # good is saved (orbax never saves a step below its latest).
-            good = step - 1
-            mngr.wait_until_finished()
-            for later in [s for s in mngr.all_steps() if s > good]:
-                mngr.delete(later)
-            save_train_state(mngr, good, state, meta(good))
-            mngr.wait_until_finished()
-            raise TrainError(f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}: "
-                             f"stopped; the last good step {good} is saved in "
-                             f"{run_dir / 'checkpoints' / str(good)}")
-        m.update(learning_rate=float(lr_at(step - 1)), step_time=dt, tokens_per_s=tokens / dt)
-        m["mfu"] = flops.mfu(m["tokens_per_s"], fpt, peak, n_peak)
-        last["loss"] = m["loss"]
-        if not lead:
-            return
-        log.write(json.dumps({"step": step, **m}) + "\n")
-        if step % tr.log_every == 0 or step == tr.steps:
-            tb.scalars(step, m)
-            log.flush()
-        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-        bar.update(1)
-
-    pending = None
-    step = start
+    signals = StopOnSignal(tr.log_every)
+    # (meta: with several processes a collective, as every process saves at the same steps)
+    trainer = Trainer(
+        compiled=compiled, state=state, start=start, steps=tr.steps, checkpoint_every=tr.checkpoint_every,
+        mngr=mngr, next_batch=lambda: plan.put_batch(next(stream)), data_position=stream.state,
+        meta=lambda step, data: {"step": step, "rng": np.asarray(rng).tolist(), "data": _all_slots(data)},
+        learning_rate=schedule(tr), tokens_per_step=tr.batch_size * plan.window, flops_per_token=fpt,
+        peak=(peak, n_peak),
+        hooks=[StopOnNonFinite(run_dir), signals, Log(run_dir, tr.log_every, progress), *hooks])
     t0 = time.perf_counter()
-    try:
-        while step < tr.steps and not stopping(step):
-            state, metrics = compiled(state, batch)
-            step += 1
-            data_state[step] = stream.state()
-            if pending is not None:
-                finish(*pending)
-                data_state.pop(pending[0] - 1, None)
-            pending = (step, metrics)
-            if step % tr.checkpoint_every == 0 and step < tr.steps:
-                # Every step up to the checkpoint is logged and on disk before the checkpoint
-                # exists: a kill after it loses no step from metrics.jsonl or TensorBoard. (No
-                # stall: the save waits for this step's state anyway.)
-                finish(*pending)
-                data_state.pop(step - 1, None)
-                pending = None
-                if lead:
-                    log.flush()
-                    tb.flush()
-                save_train_state(mngr, step, state, meta(step))
-            if step < tr.steps:
-                batch = plan.put_batch(next(stream))
-        if pending is not None:
-            finish(*pending)
-        save_train_state(mngr, step, state, meta(step))
-        mngr.wait_until_finished()
-    finally:
-        bar.close()
-        if lead:
-            tb.close()
-            log.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+    step = trainer.run()
     elapsed = time.perf_counter() - t0
-    summary.update(final_step=step, final_loss=last["loss"], seconds=elapsed,
-                   checkpoint=str(run_dir / "checkpoints" / str(step)))
-    if stop["signal"] is not None:
-        name = signal.Signals(stop["signal"]).name
+    summary = {"start_step": start, "steps": tr.steps, "final_step": step, "final_loss": trainer.last_loss,
+               "seconds": elapsed, "checkpoint": str(run_dir / "checkpoints" / str(step))}
+    if signals.signal is not None:
+        name = signal.Signals(signals.signal).name
         say(f"{name}: saved checkpoint {summary['checkpoint']} at step {step}; exiting")
-        summary["signal"] = stop["signal"]
+        summary["signal"] = signals.signal
         return summary
-    save_final_model(cfg, state["params"], stream.tokenizer, run_dir / "final")
+    save_final_model(cfg, trainer.state["params"], stream.tokenizer, run_dir / "final")
     n = step - start
+    tokens = tr.batch_size * plan.window
     say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * tokens / max(elapsed, 1e-9):.0f} "
-        f"tokens/s), final loss {last['loss']:.4f}, model FLOPs/token {fpt:.3g}, peak "
+        f"tokens/s), final loss {trainer.last_loss:.4f}, model FLOPs/token {fpt:.3g}, peak "
         f"{peak:.3g} FLOP/s x {n_peak} ({peak_src}); model saved in {run_dir / 'final'}")
     return summary
 
 
-def _train_stages(cfg: Config, progress: bool, accept_changes: bool) -> dict:
+def _train_stages(cfg: Config, progress: bool, accept_changes: bool, hooks: Sequence[Hook]) -> dict:
     """train.stages in order (Config.stages), each a run of its own. A finished stage is skipped
     (after the same config check as a resume), so a killed schedule continues in the stage it
     stopped in; RUN_DIR/final then links to the last stage's model."""
@@ -600,7 +509,7 @@ def _train_stages(cfg: Config, progress: bool, accept_changes: bool) -> dict:
             continue
         print(f"stage {i + 1}/{len(stages)}: {stage.train.steps} steps of {stage.train.batch_size} x "
               f"{stage.train.window or stage.model.max_position_embeddings} tokens in {where}", flush=True)
-        summary = train(stage, progress, accept_changes)
+        summary = train(stage, progress, accept_changes, hooks)
         done.append(summary)
         if "signal" in summary:
             return {**summary, "stage": i}

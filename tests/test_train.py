@@ -135,6 +135,37 @@ def test_tensorboard_scalars_and_config(full_run):
     assert (full_run / "final" / "config.yaml").is_file()
 
 
+def test_a_hook_sees_every_step_in_order_and_can_stop_the_run(full_run, tmp_path):
+    """A user hook gets each step's metrics (the same losses as the reference run), is told of a
+    checkpoint after every earlier step, and stopping after step 5 leaves a checkpoint there."""
+    from fot.train import train
+    from fot.trainer import Hook
+
+    class Record(Hook):
+        def __init__(self):
+            self.events = []
+
+        def step_end(self, t, step, metrics):
+            self.events.append(("step", step, metrics["loss"]))
+
+        def checkpoint(self, t, step):
+            self.events.append(("checkpoint", step))
+
+        def stop_requested(self, t, step):
+            return step == 5
+
+    hook = Record()
+    run = tmp_path / "run"
+    summary = train(load_config(write_config(tmp_path), [f"train.run_dir={run}", "train.steps=8"]),
+                    progress=False, hooks=[hook])
+    ref = losses(full_run)
+    assert [e for e in hook.events if e[0] == "checkpoint"] == [("checkpoint", 2), ("checkpoint", 4)]
+    steps = [e for e in hook.events if e[0] == "step"]
+    assert [e[1] for e in steps] == [1, 2, 3, 4, 5] and all(e[2] == ref[e[1]] for e in steps)
+    assert hook.events.index(("checkpoint", 4)) == hook.events.index(("step", 4, ref[4])) + 1
+    assert summary["final_step"] == 5 and (run / "checkpoints" / "5").is_dir()
+
+
 def test_unknown_config_key(tmp_path, capsys):
     assert main([str(write_config(tmp_path)), "train.stepz=3"]) == 2
     assert "unknown key 'train.stepz'" in capsys.readouterr().err
