@@ -182,6 +182,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MemoryArch:
+    """The part of MemoryConfig that is baked into a module (its parameters and graph). The rest
+    (retrieval, capacity, dtype, ...) is read by fot.inference.Session at inference time, so
+    changing it never rebuilds or re-validates a module."""
+
+    layers: tuple[int, ...] = ()
+    positionals: bool = True
+    gate: bool = False
+
+
+@dataclass(frozen=True)
 class MemoryConfig:
     """FoT memory layers (LongLLaMA's `mem_layers`, `mem_positionals`, `mem_dtype`, ...)."""
 
@@ -196,6 +207,10 @@ class MemoryConfig:
     ivf_clusters: int = 64  # approximate retrieval: clusters per head ...
     ivf_probe: int = 8  # inverted lists searched (a big cluster spans several lists of mean size)
     gate: bool = False  # Memorizing-Transformer sigmoid gate (ablation only)
+
+    @property
+    def arch(self) -> MemoryArch:
+        return MemoryArch(self.layers, self.positionals, self.gate)
 
     def validate(self, where: str, model: ModelConfig) -> None:
         for i in self.layers:

@@ -141,13 +141,9 @@ class Session:
         `rope_len`: the length dynamic RoPE scaling sees (default model.max_position_embeddings)."""
         cfg = model.config
         self.model = model
-        arch = model.module.mem
-        if (arch.layers, arch.positionals, arch.gate) != (cfg.memory.layers, cfg.memory.positionals,
-                                                           cfg.memory.gate):
-            raise ValueError(
-                f"model.config.memory (layers={cfg.memory.layers}, positionals={cfg.memory.positionals}"
-                f", gate={cfg.memory.gate}) does not match the module's (layers={arch.layers}, "
-                f"positionals={arch.positionals}, gate={arch.gate})")
+        if cfg.memory.arch != model.module.mem:
+            raise ValueError(f"model.config.memory ({cfg.memory.arch}) does not match the module's "
+                             f"({model.module.mem})")
         # retrieval, capacity, dtype...: inference-time choices
         self.mem_cfg = cfg.memory if memory else dataclasses.replace(cfg.memory, layers=())
         self._rope_len = rope_len or cfg.model.max_position_embeddings

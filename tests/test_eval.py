@@ -355,3 +355,31 @@ def test_batched_trials_equal_one_at_a_time(memory):
                               if memory else gen.greedy_until_wrong(p.ids, p.answer_ids, follow=True)))
         assert t["generated_ids"] == new, t
     assert len({tuple(s) for s in single}) > 1  # the outputs depend on the prompt
+
+
+def test_changing_retrieval_keeps_the_module_and_scales_rope_in_a_new_one():
+    """Retrieval is read by the Session, so reconfigure swaps the config only (the same module
+    object); a RoPE scaling is in the graph, so it gets a new module with the same weights."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from fot.config import ConfigError
+
+    model = tiny_model(memory_layers=[1], scale=3.0)
+    knn = passkey.reconfigure(model, retrieval="knn")
+    assert knn.module is model.module and knn.config.memory.retrieval == "knn"
+    assert model.config.memory.retrieval == "dense"
+    ids = np.random.RandomState(0).randint(3, 259, (1, 300))
+    dense_logits = np.asarray(model.logits_long(ids))
+    mem = dataclasses.replace(knn.config.memory, knn_k=10_000)  # above every stored key: dense's softmax
+    knn_k = dataclasses.replace(knn, config=dataclasses.replace(knn.config, memory=mem))
+    np.testing.assert_allclose(np.asarray(knn_k.logits_long(ids)), dense_logits, atol=1e-5)
+    yarn = passkey.reconfigure(model, rope_scaling={"type": "yarn", "factor": 4.0})
+    assert yarn.module is not model.module
+    new, old = (jax.tree.leaves(nnx.state(m.module, nnx.Param)) for m in (yarn, model))
+    assert len(new) == len(old) > 0 and all(bool((a == b).all()) for a, b in zip(new, old))
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        passkey.reconfigure(model, rope_scaling={"type": "nope", "factor": 2.0})
+

@@ -375,6 +375,8 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     if not changes:
         return model
     cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
+    if "model" not in changes:  # retrieval is read by the Session: the module stays as it is
+        return dataclasses.replace(model, config=cfg)
     graphdef, _ = nnx.split(abstract_model(cfg.model, cfg.memory))
     _, state = nnx.split(model.module)
     return dataclasses.replace(model, config=cfg, module=nnx.merge(graphdef, state))
