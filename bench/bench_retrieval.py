@@ -2,7 +2,7 @@
 
     python -m bench.bench_retrieval [--sizes 16384,65536,262144] [--data clustered|gaussian]
 
-Exact (fot.model.memory.exact_topk, blocked GEMM + lax.top_k) and IVF (fot.model.memory.build_ivf
+Exact (fot.model.memory.store.exact_topk, blocked GEMM + lax.top_k) and IVF (fot.model.memory.store.build_ivf
 + ivf_search; keys stored bf16 as in the memory) against faiss-cpu in the same process: IndexFlatIP
 (exact, float32) and IndexIVFFlat with the same number of lists and probes as ours (float32,
 inner product, trained on every key), with recall@128 of each against the exact float32 answer.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fot.model import memory as M
+from fot.model.memory import store as M
 
 Q, K, D = 256, 128, 64
 IVF = {16384: (64, 8), 65536: (256, 8), 262144: (1024, 8)}  # n -> (clusters, probed lists)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fot.config import Config, ModelConfig
-from fot.model.crossbatch import extra_contexts
+from fot.model.memory.crossbatch import extra_contexts
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -55,7 +55,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, memory_layers: int = 0,
 def crossbatch_contexts(batch_size: int, pack_size: int, cross_batch_range: int,
                         stepping: bool) -> float:
     """Mean number of OTHER batch rows a row reads in a memory layer: the model's own rule,
-    fot.model.crossbatch.extra_contexts."""
+    fot.model.memory.crossbatch.extra_contexts."""
     return float(extra_contexts(batch_size, pack_size, cross_batch_range, stepping).mean())
 
 

@@ -1,6 +1,6 @@
 """Long inputs window by window with the FoT memory (LongLLaMA's semantics), generation, saved memory.
 
-A `Session` holds what has been read: the memory (fot.model.memory.Memory) and the local cache
+A `Session` holds what has been read: the memory (fot.model.memory.store.Memory) and the local cache
 (unrotated keys/values of every layer, its positions being the slot indices, i.e. relative to the
 oldest cached token as in LongLLaMA's `rel_pos_ids = pos - min(pos)`).
 
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fot.model import memory as memlib
-from fot.model import rope
-from fot.model.llama import KV, DTYPES, Llama
+from fot.model.memory import store as memlib
+from fot.model.memory.session import session_memory, to_memory
+from fot.model.llama import KV, DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +43,6 @@ OUTS = ("logits", "logprobs", "last", "none")
 
 
 # -- jitted steps --------------------------------------------------------------------------------
-
-
-def _memory_fn(module: Llama, mem_cfg, mem: memlib.MemoryState, index):
-    if not mem_cfg.layers:  # no memory layers, or a session without memory
-        return None
-
-    def fn(slot, q, k_new, v_new):  # reads only: the window is written after its attention
-        part = memlib.retrieve(mem_cfg, q, mem, slot, index)
-        gate = module.mem_gate[...][slot] if module.mem.gate else None
-        return [part], gate
-
-    return fn
-
-
-def _to_memory(module: Llama, ctx, kv: KV) -> tuple[jax.Array, jax.Array]:
-    """Memory-layer keys rotated "as if first" (RoPE at position 0) when positionals, and values."""
-    idx = jnp.asarray(module.mem.layers)
-    k, v = kv.k[idx], kv.v[idx]  # [M, B, S, K, D]
-    if module.mem.positionals:
-        zeros = jnp.zeros(k.shape[1:3], jnp.int32)
-        k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, zeros))
-    return k, v
 
 
 def _output(logits: jax.Array, targets: jax.Array, n_valid: jax.Array, out: str):
@@ -87,9 +65,9 @@ def _window_step(graphdef, params, mem, index, ids, targets, n_valid, *, mem_cfg
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = module.context(pos, pos, None, rope_len)
-    x, kv = module.run_layers(module.embed(ids), ctx, memory=_memory_fn(module, mem_cfg, mem, index),
+    x, kv = module.run_layers(module.embed(ids), ctx, memory=session_memory(module, mem_cfg, mem, index),
                               collect_kv=True)
-    new = _to_memory(module, ctx, kv) if mem_cfg.layers else None
+    new = to_memory(module, ctx, kv) if mem_cfg.layers else None
     return _output(module.head(x), targets, n_valid, out), new
 
 
@@ -111,7 +89,7 @@ def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cach
     k_valid = jnp.concatenate([jnp.arange(p) < cache_len, jnp.arange(s) < n_valid])
     ctx = module.context(q_pos, k_pos, jnp.broadcast_to(k_valid, (b, p + s)), rope_len)
     x, kv = module.run_layers(module.embed(ids), ctx, past=cache,
-                              memory=_memory_fn(module, mem_cfg, mem, index), collect_kv=True)
+                              memory=session_memory(module, mem_cfg, mem, index), collect_kv=True)
     at = (0, 0, cache_len, 0, 0)
     cache = KV(jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), at),
                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), at))
@@ -124,7 +102,7 @@ def _cache_to_memory(graphdef, params, mem, cache, cache_len, *, rope_len):
     module = nnx.merge(graphdef, params)
     zeros = jnp.zeros(cache.k.shape[1:3], jnp.int32)
     ctx = module.context(zeros, zeros, None, rope_len)
-    return memlib.write(mem, *_to_memory(module, ctx, cache), cache_len)
+    return memlib.write(mem, *to_memory(module, ctx, cache), cache_len)
 
 
 # -- sessions ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ One step = one batch of `train.batch_size` rows of `train.window` tokens from `f
 (doc-aware k-packing), split into `train.grad_accum` micro-batches of whole packs (crossbatch reads
 previous rows within a micro-batch only), next-token cross-entropy averaged over the unmasked tokens
 of the whole batch, clipped AdamW (fot/optim.py). Memory layers use crossbatch attention
-(fot/model/crossbatch.py); `train.cross_batch_range=0` trains plain windows.
+(fot/model/memory/crossbatch.py); `train.cross_batch_range=0` trains plain windows.
 
 Scale-out: the step runs on the device mesh of the config's `mesh:` section (fot/sharding.py), and
 parameters, optimizer state, batches and activations are placed through its one logical-axis
@@ -80,7 +80,7 @@ from fot.data.pipeline import BatchStream, merge_states
 from fot.data.sources import DataError, open_source
 from fot.data.tokenizer import load_tokenizer
 from fot.metrics import last_loss
-from fot.model.crossbatch import crossbatch_memory
+from fot.model.memory.crossbatch import crossbatch_memory
 from fot.model import lora
 from fot.model.llama import Llama
 from fot.optim import make_optimizer, schedule

@@ -9,7 +9,7 @@ import pytest
 
 from fot.config import MemoryConfig, load_config
 from fot.model import attention
-from fot.model.crossbatch import crossbatch_memory, extra_contexts
+from fot.model.memory.crossbatch import crossbatch_memory, extra_contexts
 from fot.model.llama import init_model
 
 

@@ -10,8 +10,8 @@ import pytest
 from fot.api import FotModel
 from fot.config import config_from_dict
 from fot.inference import Session, logprobs_long
-from fot.model import memory as memlib
-from fot.model.memory import MemoryCapacityError
+from fot.model.memory import store as memlib
+from fot.model.memory.store import MemoryCapacityError
 from tests.longllama_ref import LongLlamaRef
 
 W, LCL, V = 16, 8, 64

@@ -8,7 +8,7 @@ from flax import nnx
 
 from fot.api import FotModel
 from fot.config import MemoryConfig, ModelConfig, config_from_dict
-from fot.model import memory as M
+from fot.model.memory import store as M
 from fot.model.partials import combine
 
 B, T, H, K, D, A = 2, 5, 4, 2, 8, 40

@@ -311,7 +311,7 @@ def test_flop_count_reads_the_rows_the_model_reads():
     otherwise, never more than b + 1)."""
     import jax.numpy as jnp
 
-    from fot.model.crossbatch import crossbatch_memory
+    from fot.model.memory.crossbatch import crossbatch_memory
 
     class Ctx:  # what crossbatch_memory reads of the layer context
         segments = None

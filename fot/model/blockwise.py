@@ -41,7 +41,6 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
     """
     b, t, h, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    g = h // kv_heads
     bq, bk = min(block_size, t), min(block_size, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     if k_valid is None:

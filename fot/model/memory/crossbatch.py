@@ -28,8 +28,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from fot import sharding
-from fot.model import partials, rope
+from fot.model import partials
 from fot.model.llama import MEMORY_FETCH
+from fot.model.memory.keys import as_if_first, gate_of
 
 
 def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, stepping: bool) -> np.ndarray:
@@ -58,17 +59,13 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
 
     def fn(slot, q, k_new, v_new):
-        k = k_new
-        if module.mem.positionals:  # "as if first": RoPE at position 0
-            zeros = jnp.zeros((b, t), jnp.int32)
-            k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, zeros))
+        k = as_if_first(module, ctx, k_new)
         # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
         # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
         pk, pv = checkpoint_name(sharding.previous_rows((k, v_new), r), MEMORY_FETCH)
         pk = pk.reshape(b, r * t, *pk.shape[3:])
         pv = pv.reshape(b, r * t, *pv.shape[3:])
         part = partials.dense_partial(q, pk, pv, visible[:, :, None, None, :])
-        gate = module.mem_gate[...][slot] if module.mem.gate else None
-        return [part], gate
+        return [part], gate_of(module, slot)
 
     return fn
