@@ -20,13 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from fot.data.tasks import TaskError, parse_task
+from fot.errors import ConfigError
 from fot.model.rope_scaling import validate_rope_scaling
 
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type or impossible; the message names key and file."""
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -261,8 +259,6 @@ class SourceConfig:
         if not self.path:
             raise ConfigError(f"{where}: {key}.path is empty")
         if self.path.startswith("builtin:task:"):
-            from fot.data.tasks import TaskError, parse_task  # (fot.data imports this module)
-
             try:
                 parse_task(self.path.removeprefix("builtin:task:"))
             except TaskError as e:

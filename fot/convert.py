@@ -1,4 +1,4 @@
-"""Hugging Face <-> fot checkpoints, driven by one declarative weight table (`WEIGHTS`).
+"""Hugging Face <-> fot checkpoints, driven by one declarative weight table (fot/weights.py).
 
 `load_model(path, dtype=None, **overrides)` reads a Hugging Face LLaMA / LongLLaMA directory (or hub
 name) or a fot checkpoint directory (fot/checkpoint.py). `export_hf` writes a directory that
@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 so safetensors.numpy
 import numpy as np
 from flax import nnx
 
+from fot import lora
 from fot.api import FotModel
 from fot.checkpoint import (CONFIG_FILE, CheckpointError, atomic_dir, params_dict, read_checkpoint,
                             save_model, save_tokenizer)
@@ -39,33 +40,7 @@ from fot.config import Config, ConfigError, apply_overrides, config_from_dict, p
 from fot.data.tokenizer import ByteTokenizer, load_tokenizer
 from fot.model.llama import abstract_model
 from fot.model.rope_scaling import rope_type
-
-# ------------------------------------------------------------------------------------------------
-# The weight table. fot path = keys into `nnx.state(model, nnx.Param).to_pure_dict()`.
-
-
-@dataclass(frozen=True)
-class Weight:
-    fot: tuple[str, ...]
-    hf: str  # "{i}" marks a per-layer tensor; fot stacks the layers on a leading axis
-    transpose: bool  # Linear kernels: HF (torch) stores [out, in], flax [in, out]
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf
-
-
-WEIGHTS: tuple[Weight, ...] = (
-    Weight(("embed_tokens", "embedding"), "model.embed_tokens.weight", False),
-    *(Weight(("layers", "self_attn", f"{p}_proj", "kernel"), f"model.layers.{{i}}.self_attn.{p}_proj.weight",
-             True) for p in "qkvo"),
-    *(Weight(("layers", "mlp", f"{p}_proj", "kernel"), f"model.layers.{{i}}.mlp.{p}_proj.weight", True)
-      for p in ("gate", "up", "down")),
-    *(Weight(("layers", n, "weight"), f"model.layers.{{i}}.{n}.weight", False)
-      for n in ("input_layernorm", "post_attention_layernorm")),
-    Weight(("norm", "weight"), "model.norm.weight", False),
-    Weight(("lm_head", "kernel"), "lm_head.weight", True),  # absent in fot when embeddings are tied
-)
+from fot.weights import WEIGHTS
 
 # Tensors some HF checkpoints carry that are not parameters (old transformers saved RoPE buffers).
 _NON_PARAMS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -471,21 +446,18 @@ def main(argv: list[str] | None = None) -> int:
             save_model(model, args.dst, overwrite=args.overwrite)
         elif args.cmd == "export-hf":
             export_hf(load_model(args.src), args.dst, args.format, overwrite=args.overwrite)
+        elif args.cmd == "export-peft":
+            lora.export_peft(load_model(args.src), args.dst, overwrite=args.overwrite)
+        elif args.cmd == "import-peft":
+            save_model(lora.import_peft(load_model(args.src), args.other), args.dst, overwrite=args.overwrite)
+        elif args.cmd == "merge-lora":
+            save_model(lora.merge(load_model(args.src)), args.dst, overwrite=args.overwrite)
         else:
-            from fot import lora
-
-            if args.cmd == "export-peft":
-                lora.export_peft(load_model(args.src), args.dst, overwrite=args.overwrite)
-            elif args.cmd == "import-peft":
-                save_model(lora.import_peft(load_model(args.src), args.other), args.dst, overwrite=args.overwrite)
-            elif args.cmd == "merge-lora":
-                save_model(lora.merge(load_model(args.src)), args.dst, overwrite=args.overwrite)
-            else:
-                model, errors = lora.extract(load_model(args.src), load_model(args.other), args.rank,
-                                             tuple(args.targets.split(",")), args.alpha)
-                for name, err in errors.items():
-                    print(f"{name}: relative error {err:.3g}")
-                save_model(model, args.dst, overwrite=args.overwrite)
+            model, errors = lora.extract(load_model(args.src), load_model(args.other), args.rank,
+                                         tuple(args.targets.split(",")), args.alpha)
+            for name, err in errors.items():
+                print(f"{name}: relative error {err:.3g}")
+            save_model(model, args.dst, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         return 1

@@ -43,6 +43,7 @@ import numpy as np
 
 from fot.data import passkey
 from fot.data.builtin import read_text, stdlib_files
+from fot.data.tokenizer import ByteTokenizer
 
 # A small vocabulary of our own for the prose haystack and for word keys (adjective-noun pairs).
 ADJECTIVES = ("amber ancient bitter bold brave brief bright broad calm careful cheap clever cold "
@@ -575,8 +576,6 @@ class TaskCorpus:
     the training tokenizer), its depth uniform; unbounded, random access."""
 
     def __init__(self, spec: str, seed: int, min_chars: int, max_chars: int | None = None):
-        from fot.data.tokenizer import ByteTokenizer
-
         self.task, self.seed, self.tok = parse_task(spec), seed, ByteTokenizer()
         self.min_chars = min_chars
         self.max_chars = max_chars if max_chars is not None else 4 * min_chars

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fot.config import ConfigError
+from fot.errors import ConfigError
 
 
 class Tokenizer(Protocol):
