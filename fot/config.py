@@ -355,6 +355,10 @@ class TrainConfig:
         if self.batch_size % self.pack_size:
             raise ConfigError(f"{where}: train.pack_size={self.pack_size} does not divide "
                               f"train.batch_size={self.batch_size}")
+        if self.batch_size % self.grad_accum or (self.batch_size // self.grad_accum) % self.pack_size:
+            raise ConfigError(f"{where}: train.grad_accum={self.grad_accum} must split train.batch_size="
+                              f"{self.batch_size} into micro-batches of whole packs of train.pack_size="
+                              f"{self.pack_size} rows")
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,14 @@ class Config:
             window = st.window or window
         if self.train.stages:
             self.stages(where)  # each stage's own config is checked too
+        return self
+
+    def validate_training(self, where: str = "<config>") -> "Config":
+        """What only a training run needs besides validate(): a model loaded for inference may
+        have no memory layers under the default train section."""
+        if self.train.cross_batch_range and not self.memory.layers:
+            raise ConfigError(f"{where}: train.cross_batch_range > 0 needs memory layers (memory.layers is "
+                              f"empty); set train.cross_batch_range=0 to train a plain model")
         return self
 
     def stages(self, where: str = "<config>") -> list["Config"]:

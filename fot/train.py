@@ -347,17 +347,6 @@ def _all_slots(data_state: dict) -> dict:
     return merge_states([json.loads(got[i, :int(n)].tobytes()) for i, n in enumerate(sizes)])
 
 
-def _validate(cfg: Config) -> None:
-    tr = cfg.train
-    if tr.batch_size % tr.grad_accum or (tr.batch_size // tr.grad_accum) % tr.pack_size:
-        raise ConfigError(f"train.grad_accum={tr.grad_accum} must split train.batch_size="
-                          f"{tr.batch_size} into micro-batches of whole packs of train.pack_size="
-                          f"{tr.pack_size} rows")
-    if tr.cross_batch_range and not cfg.memory.layers:
-        raise ConfigError("train.cross_batch_range > 0 needs memory layers (memory.layers is empty); "
-                          "set train.cross_batch_range=0 to train a plain model")
-
-
 # ------------------------------------------------------------------------------------------------
 # The loop
 
@@ -426,7 +415,7 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False,
     `hooks` (fot.trainer.Hook) run after the built-in ones: non-finite stop, signals, logging."""
     if cfg.train.stages:
         return _train_stages(cfg, progress, accept_changes, hooks)
-    _validate(cfg)
+    cfg.validate_training()
     tr = cfg.train
     run_dir = Path(tr.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -537,7 +526,7 @@ def dry_run(cfg: Config) -> dict:
                 print(f"stage {i + 1}/{len(cfg.train.stages)}:", flush=True)
             reports.append(dry_run(stage))
         return {"stages": reports}
-    _validate(cfg)
+    cfg.validate_training()
     tr = cfg.train
     mesh = _mesh(cfg)
     plan = StepPlan(cfg, mesh)

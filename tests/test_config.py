@@ -1,5 +1,6 @@
 """Config files: every shipped YAML loads; bad keys, types and values name the key and the file."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -73,6 +74,20 @@ def test_impossible_hyperparameters_name_the_key_and_file(tmp_path, key, value):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(path) in str(e.value) and f"{key} must be" in str(e.value)
+
+
+def test_cross_section_training_checks_live_in_the_config(tmp_path):
+    """grad_accum must split the batch into whole packs (any config); crossbatch needs memory
+    layers, which only a training run requires (a plain model loads for inference as it is)."""
+    path = _write(tmp_path, "train:\n  batch_size: 8\n  pack_size: 4\n  grad_accum: 4\n")
+    with pytest.raises(ConfigError, match=r"train.grad_accum=4 must split train.batch_size=8") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    plain = load_config(_write(tmp_path, "train:\n  cross_batch_range: 2\n"))
+    assert plain.memory.layers == ()
+    with pytest.raises(ConfigError, match=r"cross_batch_range > 0 needs memory layers"):
+        plain.validate_training()
+    assert plain.replace(train=dataclasses.replace(plain.train, cross_batch_range=0)).validate_training()
 
 
 def test_overrides(tmp_path):
