@@ -34,7 +34,7 @@ from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, con
 from fot.experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
 from fot.experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method, write_reports
 from fot.experiments.provenance import run_meta
-from fot.experiments.training import Interrupted, check_documents, check_same_run, ensure_trained
+from fot.experiments.training import check_documents, check_same_run, ensure_trained, exit_status
 
 
 def baseline_config(cfg: Config, overrides: tuple[str, ...] = (), where: str = "<baseline>") -> Config:
@@ -230,11 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only pool the finished seeds' results into OUT (results.md, results.json, plots)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_intermixed_args(argv)
-    from fot.checkpoint import CheckpointError
-    from fot.data.sources import DataError
-    from fot.train import TrainError
 
-    try:
+    def body() -> int:
         ef = load_experiment(args.config, args.overrides)
         out = Path(args.out or Path("experiments") / "results" / ef.name)
         train_only = None
@@ -256,15 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             paths = gather(ef, out, argv)
         if not paths:
             return 0
-    except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (ConfigError, TrainError, DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    print(paths["md"].read_text())
-    print("wrote", ", ".join(str(p) for k, p in paths.items() if not k.startswith("heatmap")))
-    return 0
+        print(paths["md"].read_text())
+        print("wrote", ", ".join(str(p) for k, p in paths.items() if not k.startswith("heatmap")))
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

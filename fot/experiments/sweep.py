@@ -45,7 +45,7 @@ from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, con
 from fot.experiments.config import ExperimentFile, check_capacity, load_experiment
 from fot.experiments.methods import write_reports
 from fot.experiments.provenance import run_meta
-from fot.experiments.training import Interrupted, check_same_run, ensure_trained
+from fot.experiments.training import check_same_run, ensure_trained, exit_status
 
 
 @dataclass(frozen=True)
@@ -261,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gather", action="store_true", help="only build the table from the cells' results")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_intermixed_args(argv)
-    from fot.checkpoint import CheckpointError
-    from fot.data.sources import DataError
-    from fot.train import TrainError
 
-    try:
+    def body() -> int:
         ef = load_experiment(args.config, args.overrides)
         out = Path(args.out or Path("experiments") / "results" / ef.name)
         if not args.gather:
@@ -274,15 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("some cells have no result yet (other tasks); build the table later with --gather")
                 return 0
         paths = gather(ef, out, argv)
-    except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (ConfigError, TrainError, DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    print(paths["md"].read_text())
-    print("wrote", ", ".join(str(p) for p in paths.values()))
-    return 0
+        print(paths["md"].read_text())
+        print("wrote", ", ".join(str(p) for p in paths.values()))
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

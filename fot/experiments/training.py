@@ -8,11 +8,12 @@ resume of the wrong model.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-from fot.checkpoint import checkpoint_steps, run_finished
+from fot.checkpoint import CheckpointError, checkpoint_steps, run_finished
 from fot.config import Config, ConfigError, config_from_dict, read_yaml, trajectory_changes
 from fot.metrics import last_loss
 
@@ -23,6 +24,22 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int):
         super().__init__(f"training interrupted by signal {signum}; re-run to resume")
         self.signum = signum
+
+
+def exit_status(body: Callable[[], int]) -> int:
+    """A runner's main body, with bad input or a failed or interrupted training as one line on
+    stderr and the exit status: 2 for a config error, 128 + the signal, else 1."""
+    from fot.data.sources import DataError
+    from fot.train import TrainError
+
+    try:
+        return body()
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, TrainError, DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
