@@ -3,9 +3,12 @@
     python -m fot.generate MODEL --prompt-file F --max-new-tokens N [--temperature T] [--top-p P]
     python -m fot.generate MODEL --prompt-file DOC --save-memory doc.npz      # read once, save
     python -m fot.generate MODEL --memory doc.npz --prompt "Question?" --max-new-tokens N
+    python -m fot.generate MODEL --prompt-file F memory.retrieval=knn memory.capacity=262144
 
 MODEL: a fot checkpoint or Hugging Face directory (LongLLaMA or LLaMA) as `fot.convert.load_model`
-reads it. The prompt is read window by window into the memory, then tokens stream to stdout.
+reads it, with key=value overrides of its config (memory.retrieval, memory.knn_k, memory.capacity,
+memory.last_context_length, ...). The prompt is read window by window into the memory, then tokens
+stream to stdout.
 """
 
 from __future__ import annotations
@@ -26,25 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, help="default: model.max_position_embeddings")
-    p.add_argument("--last-context-length", type=int, help="default: memory.last_context_length")
-    p.add_argument("--retrieval", choices=("dense", "knn", "ivf"), help="default: from the model config")
-    p.add_argument("--capacity", type=int, help="memory tokens (default: memory.capacity)")
     p.add_argument("--memory", type=Path, help="a memory saved with --save-memory, read before the prompt")
     p.add_argument("--save-memory", type=Path, help="read the prompt into memory, save it here and exit")
-    a = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides: memory.retrieval=knn, ...")
+    a = p.parse_intermixed_args(argv)
     if a.prompt_file is None and a.prompt is None:
         p.error("give --prompt-file or --prompt")
     if a.prompt_file is not None and not a.prompt_file.is_file():
         p.error(f"--prompt-file {a.prompt_file}: no such file")
     text = a.prompt if a.prompt is not None else a.prompt_file.read_text(encoding="utf-8")
 
+    from fot.config import ConfigError, parse_override
     from fot.convert import load_model
 
-    memory = {k: v for k, v in (("retrieval", a.retrieval), ("capacity", a.capacity)) if v is not None}
-    model = load_model(a.model, **({"memory": memory} if memory else {}))
+    try:
+        model = load_model(a.model, **dict(map(parse_override, a.overrides)))
+    except ConfigError as e:
+        p.error(str(e))
     if model.tokenizer is None:
         p.error(f"{a.model} has no tokenizer; fot.generate works on text")
-    opts = dict(window=a.window, last_context_length=a.last_context_length)
+    opts = dict(window=a.window)
     if a.save_memory is not None:
         session = model.build_memory(text, **opts)
         path = model.save_memory(session, a.save_memory)

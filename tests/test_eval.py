@@ -328,7 +328,7 @@ def test_cli_smoke_and_errors(tmp_path):
 
     run = cli("plain", "--memory", "off")
     assert run.returncode == 0, run.stderr
-    run = cli("fot", "--memory", "on", "--retrieval", "knn")  # 300 tokens: 3 windows of 128
+    run = cli("fot", "--memory", "on", "memory.retrieval=knn")  # 300 tokens: 3 windows of 128
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "results.json").read_text())
     assert [(t["method"], t["prompt_tokens"]) for t in data["trials"]] == [("baseline", 300),
@@ -339,6 +339,8 @@ def test_cli_smoke_and_errors(tmp_path):
     assert bad.returncode == 1 and "no memory layers" in bad.stderr
     bad = cli("plain", "--memory", "off", "--lengths", "200")
     assert bad.returncode == 1 and "at least 248 tokens" in bad.stderr
+    bad = cli("fot", "memory.retrieval=nearest")
+    assert bad.returncode == 1 and "memory.retrieval" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("memory", [True, False])

@@ -249,6 +249,13 @@ def test_generate_cli_streams_text_and_reuses_saved_memory(tmp_path, capsys):
     assert capsys.readouterr().out == model.generate("Sky?", 6, memory=saved) + "\n"
     with pytest.raises(SystemExit):
         main([str(tmp_path / "m"), "--prompt-file", str(tmp_path / "absent.txt")])
+    # config overrides, key=value as for training: k above every stored key reads what dense reads
+    assert main([str(tmp_path / "m"), "--prompt-file", str(tmp_path / "doc.txt"), "--max-new-tokens", "6",
+                 "memory.retrieval=knn", "memory.knn_k=4096"]) == 0
+    assert capsys.readouterr().out == model.generate(doc, 6) + "\n"
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "m"), "--prompt", "Sky?", "memory.retrieval=nearest"])
+    assert "memory.retrieval" in capsys.readouterr().err
 
 
 def test_closed_gate_ablation_reads_no_memory():

@@ -1,7 +1,7 @@
 """Passkey retrieval (the LongLLaMA/landmark prompt): accuracy per context length, depth and method.
 
     python -m fot.eval.passkey MODEL --lengths 1k,4k,16k --trials 10 --depths uniform --seed 0 \
-        --memory on --retrieval dense --out results/passkey
+        --memory on --out results/passkey memory.retrieval=knn
 
 MODEL is anything `fot.load_model` reads (a fot checkpoint or a Hugging Face directory). For each
 target length (tokens; 1k = 1024) and trial, the prompt from `fot.data.passkey.build_passkey_prompt`
@@ -14,7 +14,8 @@ LLaMA SentencePiece models both give "▁", digits). A trial is correct only if 
 equals its answer token.
 
 Methods: `--memory on` uses the model's FoT memory (`FotModel.generate`: the prompt is read window
-by window into memory; `--window`, `--last-context-length`); `--memory off` is the baseline: the
+by window into memory; `--window`, and key=value config overrides such as `memory.retrieval=knn` or
+`memory.last_context_length=64`); `--memory off` is the baseline: the
 memory layers get no memory and the whole prompt goes through plain causal attention at positions
 0..N-1. `--rope-scaling` applies to either (with memory on: FoT + a RoPE-scaled local window).
 
@@ -435,27 +436,27 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                          "(default factor: longest length / max_position_embeddings)")
     ap.add_argument("--memory", choices=("on", "off"), default="on",
                     help="on: FoT memory, window by window; off: plain attention over the whole input")
-    ap.add_argument("--retrieval", default=None, help="dense | knn | ivf (default: the model's config)")
     ap.add_argument("--window", type=int, default=None,
                     help="memory on: local window (default: max_position_embeddings)")
-    ap.add_argument("--last-context-length", type=int, default=None,
-                    help="memory on: tokens kept in the local cache (default: memory.last_context_length)")
     ap.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="the model's config for this evaluation, as for training: memory.retrieval=knn, "
+                         "memory.knn_k=16, memory.last_context_length=64, ...")
     ap.add_argument("--method-name", default=None, help="label in tables and plots")
     ap.add_argument("--out", required=True, help="output directory")
 
 
 def load_for_eval(args, max_length: int):
-    """Validate the method flags (before the weights are read), load the model, build the generator."""
+    """Validate the method flags (before the weights are read), load the model with the key=value
+    overrides, build the generator."""
     import fot
+    from fot.config import parse_override
 
-    if args.retrieval is not None and args.retrieval not in ("dense", "knn", "ivf"):
-        raise ValueError(f"--retrieval {args.retrieval!r} is not one of dense, knn, ivf")
-    rope_scaling_from_spec(args.rope_scaling)  # an unknown name fails before loading
-    model = fot.load_model(args.model, dtype=args.dtype)
-    gen, name = prepare(model, memory=args.memory == "on", retrieval=args.retrieval,
-                        rope_scaling=args.rope_scaling, max_length=max_length, window=args.window,
-                        last_context_length=args.last_context_length)
+    overrides = dict(map(parse_override, args.overrides))  # a malformed pair fails before loading
+    rope_scaling_from_spec(args.rope_scaling)  # so does an unknown RoPE scaling name
+    model = fot.load_model(args.model, dtype=args.dtype, **overrides)
+    gen, name = prepare(model, memory=args.memory == "on", rope_scaling=args.rope_scaling,
+                        max_length=max_length, window=args.window)
     return gen, args.method_name or name
 
 
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", default="uniform", help="uniform | comma-separated fractions in [0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from fot.config import ConfigError
 
     try:

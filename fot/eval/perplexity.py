@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="train", help="dataset split of --data")
     ap.add_argument("--seed", type=int, default=0, help="order of the documents")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from fot.config import ConfigError
 
     try:

@@ -19,7 +19,8 @@ prediction's score is `string_match_all`, the fraction of the reference strings 
 evaluated length up to which the accuracy stays >= --threshold at every evaluated length (none
 if the shortest already falls below). results.md also gives RULER's number, the mean score.
 
-Methods (--memory, --retrieval, --rope-scaling, --window) are those of fot.eval.passkey. Outputs in
+Methods (--memory, --rope-scaling, --window, key=value config overrides such as
+memory.retrieval=knn) are those of fot.eval.passkey. Outputs in
 --out: results.json (every trial), results.md and score.png; runs of other methods already in
 --out/results.json are kept. Bad input (an unknown task or option, a length below a task's
 shortest prompt, trials <= 0) is a one-line error and exit status 2.
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="prompts decoded at once")
     ap.add_argument("--distractors", default="4", help=f"{NAMED}: comma-separated counts of other documents")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from fot.config import ConfigError
 
     try:
