@@ -476,8 +476,7 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False,
         return summary
     save_final_model(cfg, trainer.state["params"], stream.tokenizer, run_dir / "final")
     n = step - start
-    tokens = tr.batch_size * plan.window
-    say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * tokens / max(elapsed, 1e-9):.0f} "
+    say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * trainer.tokens / max(elapsed, 1e-9):.0f} "
         f"tokens/s), final loss {trainer.last_loss:.4f}, model FLOPs/token {fpt:.3g}, peak "
         f"{peak:.3g} FLOP/s x {n_peak} ({peak_src}); model saved in {run_dir / 'final'}")
     return summary

@@ -13,8 +13,9 @@ with n haystack characters (binary search) and the needle on its own line, at th
 that holds character round(depth * n) (depth 1: after the last character). The number (1000..9999)
 comes from default_rng([seed, length, trial]) (the same number at every depth of a trial). The model
 greedily decodes --new-tokens tokens (default: the answer's tokens + 4) and is right when the
-decoded text contains the number. Methods (--memory, --rope-scaling, --window, key=value config overrides) and outputs
-(results.json, results.md, accuracy.png, heatmap PNG) are those of fot.eval.passkey.
+decoded text contains the number. Methods (--memory, --rope-scaling, --window, key=value config
+overrides) and outputs (results.json, results.md, accuracy.png, heatmap PNG) are those of
+fot.eval.passkey.
 """
 
 from __future__ import annotations

@@ -394,8 +394,11 @@ def ivf_search(q: jax.Array, centroids: jax.Array, starts: jax.Array, sizes: jax
     kk = min(k, probe * cap)
     cs = jnp.where(sizes[:, None] > 0, jnp.einsum("gqd,gld->gql", q, centroids), -jnp.inf)
     _, cl = jax.lax.top_k(cs, probe)  # [G, Q, P]
-    st, sz = jax.vmap(lambda a, c: a[c])(starts, cl), jax.vmap(lambda a, c: a[c])(sizes, cl)
-    if jax.default_backend() == "cpu" if loop is None else loop:
+    pick = jax.vmap(lambda a, i: a[i])  # per leading index g: a[g][i[g]]
+    st, sz = pick(starts, cl), pick(sizes, cl)
+    if loop is None:
+        loop = jax.default_backend() == "cpu"
+    if loop:
         def body(j, s):
             h, i, p = j // (qn * probe), j // probe % qn, j % probe
             rows = jax.lax.dynamic_slice(sorted_keys, (h, st[h, i, p], 0), (1, cap, d))[0]
@@ -412,7 +415,7 @@ def ivf_search(q: jax.Array, centroids: jax.Array, starts: jax.Array, sizes: jax
     s = jnp.where(jnp.arange(cap) < sz[..., None], s, NEG_INF).reshape(g, qn, probe * cap)
     top_s, pos = jax.lax.top_k(s, kk)
     at = jnp.take_along_axis(st, pos // cap, axis=-1) + pos % cap
-    top_i = jax.vmap(lambda o, i: o[i])(order, at)
+    top_i = pick(order, at)
     if kk < k:
         top_s = jnp.pad(top_s, ((0, 0), (0, 0), (0, k - kk)), constant_values=NEG_INF)
         top_i = jnp.pad(top_i, ((0, 0), (0, 0), (0, k - kk)))
