@@ -32,7 +32,7 @@ def config(model: str, n: int):
     from fot.config import config_from_dict, load_config
 
     if model == "tiny":
-        return load_config("configs/tiny.yaml", [f"memory.capacity={n}"])
+        return load_config("configs/tiny.yaml", [f"retrieval.capacity={n}"])
     cfg = bench_memory.config(n, "dense").to_dict()
     cfg["memory"].pop("dtype")  # the config default (bfloat16), as a user reads with it
     return config_from_dict(cfg)
@@ -47,7 +47,7 @@ def run_one(model_name: str, n: int, new: int, repeats: int) -> dict:
 
     cfg = config(model_name, n)
     model = FotModel.random(cfg)
-    window, lcl = cfg.model.max_position_embeddings, cfg.memory.last_context_length
+    window, lcl = cfg.model.max_position_embeddings, cfg.retrieval.last_context_length
     ids = np.random.RandomState(0).randint(3, cfg.model.vocab_size, (1, n))
 
     def read(x):

@@ -36,8 +36,9 @@ def config(n: int, mode: str):
         "model": dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                       max_position_embeddings=WINDOW),
-        "memory": dict(layers=[MEM_LAYER], last_context_length=LCL, capacity=n, retrieval=mode,
-                       knn_k=KNN_K, ivf_clusters=clusters, ivf_probe=probe, dtype=MEM_DTYPE)})
+        "memory": dict(layers=[MEM_LAYER]),
+        "retrieval": dict(mode=mode, last_context_length=LCL, capacity=n, knn_k=KNN_K,
+                          ivf_clusters=clusters, ivf_probe=probe, dtype=MEM_DTYPE)})
 
 
 def model_flops(cfg, n: int, mode: str) -> float:
@@ -59,7 +60,7 @@ def model_flops(cfg, n: int, mode: str) -> float:
         elif mode == "knn":
             total += 2 * hd * t * filled + 4 * hd * t * min(KNN_K, filled)
         else:  # lists of ~filled/C keys; the tail since the last build (~1/8 on average) is dense
-            c, probe = cfg.memory.ivf_clusters, cfg.memory.ivf_probe
+            c, probe = cfg.retrieval.ivf_clusters, cfg.retrieval.ivf_probe
             if filled >= 16 * c:
                 total += 2 * hd * t * (c + probe * filled / c) + 4 * hd * t * (KNN_K + filled / 8)
             else:

@@ -31,7 +31,7 @@ from fot.train import StepPlan
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
     "100m": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
-                                   "memory.dtype=float32"]),
+                                   "retrieval.dtype=float32"]),
 }
 
 

@@ -79,7 +79,7 @@ def train_case(path: str, overrides: list[str], steps: int) -> dict:
 def read_case(smoke: bool) -> dict:
     n = 2048 if smoke else 32768
     path, over = ("configs/tiny.yaml", []) if smoke else ("configs/100m.yaml", [])
-    cfg = load_config(path, over + [f"memory.capacity={n}"])
+    cfg = load_config(path, over + [f"retrieval.capacity={n}"])
     model = FotModel.random(cfg)
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, n))
     warm = ids[:, : 4 * cfg.model.max_position_embeddings]

@@ -180,35 +180,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class MemoryArch:
-    """The part of MemoryConfig that is baked into a module (its parameters and graph). The rest
-    (retrieval, capacity, dtype, ...) is read by fot.inference.Session at inference time, so
-    changing it never rebuilds or re-validates a module."""
-
-    layers: tuple[int, ...] = ()
-    positionals: bool = True
-    gate: bool = False
-
-
-@dataclass(frozen=True)
 class MemoryConfig:
-    """FoT memory layers (LongLLaMA's `mem_layers`, `mem_positionals`, `mem_dtype`, ...)."""
+    """The FoT memory layers' architecture (LongLLaMA's `mem_layers`, `mem_positionals`): what is
+    baked into a module's parameters and graph. How a session stores and reads the memory is the
+    `retrieval` section, so changing that never rebuilds or re-validates a module."""
 
     layers: tuple[int, ...] = ()  # 0-based indices of memory layers; empty = plain LLaMA
     positionals: bool = True  # keys stored rotated at position 0; False = no RoPE in memory layers
-    dtype: DType = "bfloat16"  # storage dtype of memory keys/values
-    last_context_length: int = 1024  # tokens that go through the local cache in logits_long
-    capacity: int = 65536  # tokens per sequence per memory layer
-    on_full: Literal["error", "drop_oldest"] = "error"
-    retrieval: Literal["dense", "knn", "ivf"] = "dense"
-    knn_k: int = 128
-    ivf_clusters: int = 64  # approximate retrieval: clusters per head ...
-    ivf_probe: int = 8  # inverted lists searched (a big cluster spans several lists of mean size)
     gate: bool = False  # Memorizing-Transformer sigmoid gate (ablation only)
-
-    @property
-    def arch(self) -> MemoryArch:
-        return MemoryArch(self.layers, self.positionals, self.gate)
 
     def validate(self, where: str, model: ModelConfig) -> None:
         for i in self.layers:
@@ -217,11 +196,32 @@ class MemoryConfig:
                     f"{where}: memory.layers contains {i}, outside 0..{model.num_hidden_layers - 1}")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"{where}: memory.layers has duplicates: {list(self.layers)}")
-        for name in ("capacity", "knn_k", "ivf_clusters", "ivf_probe"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: memory.{name} must be positive, got {getattr(self, name)}")
-        if self.last_context_length < 0:
-            raise ConfigError(f"{where}: memory.last_context_length must be >= 0")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How an inference session (fot.inference.Session) stores and reads the memory (LongLLaMA's
+    `mem_dtype`, `last_context_length`, ...). Training never reads it: crossbatch attends densely."""
+
+    mode: Literal["dense", "knn", "ivf"] = "dense"
+    knn_k: int = 128  # knn and ivf: keys per query and head
+    ivf_clusters: int = 64  # ivf: clusters per head ...
+    ivf_probe: int = 8  # ... and inverted lists searched (a big cluster spans several lists of mean size)
+    dtype: DType = "bfloat16"  # storage dtype of memory keys/values
+    capacity: int = 65536  # tokens per sequence per memory layer
+    on_full: Literal["error", "drop_oldest"] = "error"
+    last_context_length: int = 1024  # tokens that go through the local cache in logits_long
+
+    def validate(self, where: str) -> None:
+        check_range(where, "retrieval", self, positive=("capacity", "knn_k", "ivf_clusters", "ivf_probe"),
+                    nonnegative=("last_context_length",))
+
+
+# The retrieval settings' names before they left the memory section (saved run configs, the
+# ablation sweeps' axes): read as their new names.
+MOVED_KEYS = {f"memory.{k}": f"retrieval.{k}" for k in
+              ("knn_k", "ivf_clusters", "ivf_probe", "dtype", "capacity", "on_full", "last_context_length")}
+MOVED_KEYS["memory.retrieval"] = "retrieval.mode"
 
 
 @dataclass(frozen=True)
@@ -378,6 +378,7 @@ class MeshConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -385,6 +386,7 @@ class Config:
     def validate(self, where: str = "<config>") -> "Config":
         self.model.validate(where)
         self.memory.validate(where, self.model)
+        self.retrieval.validate(where)
         self.train.validate(where)
         self.data.validate(where)
         window = self.train.window or self.model.max_position_embeddings
@@ -530,11 +532,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any],
                     where: str = "") -> dict[str, Any]:
     """Set overrides in a nested dict of config values, copying it: `key=value` strings (values
     parsed as YAML) or a {dotted key: value} mapping. The one place overrides are applied."""
-    tree = copy.deepcopy(tree)
+    tree = moved_keys_renamed(tree)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     prefix = f"{where}: " if where else ""
     for key, value in items:
-        parts = key.split(".")
+        parts = MOVED_KEYS.get(key, key).split(".")
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -544,10 +546,23 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any],
     return tree
 
 
+def moved_keys_renamed(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with the MOVED_KEYS under their new names (a new name set too wins)."""
+    tree = copy.deepcopy(tree)
+    memory = tree.get("memory")
+    if isinstance(memory, dict):
+        for old, new in MOVED_KEYS.items():
+            if (name := old.split(".")[1]) in memory:
+                section = tree.setdefault("retrieval", {})
+                if isinstance(section, dict):
+                    section.setdefault(new.split(".")[1], memory.pop(name))
+    return tree
+
+
 def config_from_dict(values: dict[str, Any], where: str = "<dict>") -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: top level must be a mapping of sections")
-    return build(Config, values, where).validate(where)
+    return build(Config, moved_keys_renamed(values), where).validate(where)
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -597,12 +612,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # What a run's trajectory depends on (resuming a run, reusing an experiment's run directory).
 
 # Keys that never change the weights a run has at a given step: bookkeeping (more train.steps
-# continue the same run) and the inference-time memory settings (crossbatch training attends
-# densely whatever the retrieval mode). Mesh keys are free too: a run resumes on any mesh.
+# continue the same run), the retrieval section (inference only: crossbatch training attends
+# densely) and the mesh (a run resumes on any mesh).
 BOOKKEEPING_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                     "train.run_dir")
-INFERENCE_KEYS = ("memory.retrieval", "memory.knn_k", "memory.ivf_clusters", "memory.ivf_probe",
-                  "memory.capacity", "memory.on_full", "memory.last_context_length")
+
+
+def inference_only(key: str) -> bool:
+    """Whether a dotted key (new or moved name) is a retrieval setting, read only at inference."""
+    return MOVED_KEYS.get(key, key).startswith("retrieval.")
 
 
 def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -623,8 +641,8 @@ def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def trajectory_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old value, new value)} for every setting that differs and changes what is
-    trained (all but BOOKKEEPING_KEYS, INFERENCE_KEYS and mesh.*)."""
-    free = {*BOOKKEEPING_KEYS, *INFERENCE_KEYS}
+    trained (all but BOOKKEEPING_KEYS, retrieval.* and mesh.*)."""
     a, b = flat_keys(old.to_dict()), flat_keys(new.to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if k not in free and not k.startswith("mesh.") and a.get(k) != b.get(k)}
+            if k not in BOOKKEEPING_KEYS and not inference_only(k) and not k.startswith("mesh.")
+            and a.get(k) != b.get(k)}

@@ -55,9 +55,9 @@ _HF_MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
                     initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-# LongLLaMA's config.json fields -> memory section.
-_HF_MEMORY_KEYS = {"mem_layers": "layers", "mem_positionals": "positionals", "mem_dtype": "dtype",
-                   "last_context_length": "last_context_length"}
+# LongLLaMA's config.json fields -> fot's dotted keys.
+_HF_MEMORY_KEYS = {"mem_layers": "memory.layers", "mem_positionals": "memory.positionals",
+                   "mem_dtype": "retrieval.dtype", "last_context_length": "retrieval.last_context_length"}
 # Keys whose value must be this (anything else is a different architecture).
 _HF_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 # Keys read separately (model_type, the RoPE dict) or with no effect on the forward pass
@@ -72,7 +72,7 @@ _HF_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def hf_config_to_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """A Hugging Face config.json dict -> fot config sections (model, memory), unvalidated."""
+    """A Hugging Face config.json dict -> fot config sections (model, memory, retrieval), unvalidated."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
@@ -97,12 +97,12 @@ def hf_config_to_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:
     h, n = model["hidden_size"], model["num_attention_heads"]
     if isinstance(h, int) and isinstance(n, int) and n > 0 and model.get("head_dim") == h // n:
         del model["head_dim"]  # the derived value: keep the fot config minimal
-    return {"model": model, "memory": {f: hf[k] for k, f in memory_keys.items() if k in hf}}
+    return apply_overrides({"model": model}, {f: hf[k] for k, f in memory_keys.items() if k in hf})
 
 
 def hf_config_from(cfg: Config, fmt: str) -> dict[str, Any]:
     """Config -> a config.json dict for `fmt` ("llama" or "longllama")."""
-    m, mem = cfg.model, cfg.memory
+    m = cfg.model
     if m.rope_scaling is not None and rope_type(m.rope_scaling) not in _HF_ROPE_TYPES:
         raise ConfigError(f"model.rope_scaling = {m.rope_scaling!r} has no Hugging Face counterpart")
     out = {"architectures": ["LongLlamaForCausalLM" if fmt == "longllama" else "LlamaForCausalLM"],
@@ -111,8 +111,10 @@ def hf_config_from(cfg: Config, fmt: str) -> dict[str, Any]:
     out.update({k: getattr(m, k) for k in _HF_MODEL_KEYS})
     out.update(num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head, rope_scaling=m.rope_scaling)
     if fmt == "longllama":
-        out.update({k: getattr(mem, f) for k, f in _HF_MEMORY_KEYS.items()})
-        out["mem_layers"] = list(mem.layers)
+        for k, f in _HF_MEMORY_KEYS.items():
+            section, name = f.split(".")
+            out[k] = getattr(getattr(cfg, section), name)
+        out["mem_layers"] = list(cfg.memory.layers)
     return out
 
 
@@ -130,7 +132,7 @@ def dotted_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
     - a section name with a dict (`memory={"layers": [6]}`): each of its keys in that section;
     - a dotted key (`**{"model.rope_theta": 5e5}`): exactly that entry;
     - a LongLLaMA name (`mem_layers`, `mem_positionals`, `mem_dtype`, `last_context_length`): its
-      memory field (`memory.layers`, ...);
+      fot key (`memory.layers`, ..., `retrieval.dtype`, `retrieval.last_context_length`);
     - any other bare key (`rope_scaling={...}`): the field of that name in the one section that has it
       (a name found in several sections, e.g. `seed`, must be written dotted).
     """
@@ -145,7 +147,7 @@ def dotted_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
         elif "." in key:
             out[key] = value
         elif key in _HF_MEMORY_KEYS:
-            out[f"memory.{_HF_MEMORY_KEYS[key]}"] = value
+            out[_HF_MEMORY_KEYS[key]] = value
         elif len(owners.get(key, ())) == 1:
             out[f"{owners[key][0]}.{key}"] = value
         elif key in owners:
@@ -318,7 +320,7 @@ def load_model(path: str | Path, dtype: str | None = None, **overrides: Any):
     (tokenizer.model or tokenizer.json) when present. fot: config.yaml + params/ (fot/checkpoint.py).
     `dtype` sets the compute dtype (model.dtype). `overrides` change the config before the weights are
     read; see `dotted_overrides` for the rule (e.g. `rope_scaling={"rope_type": "linear", "factor": 2.0}`,
-    `mem_layers=[1]`, `memory={"retrieval": "knn"}`, `**{"model.param_dtype": "bfloat16"}`).
+    `mem_layers=[1]`, `retrieval={"mode": "knn"}`, `**{"model.param_dtype": "bfloat16"}`).
     """
     src = _local_dir(path)
     if dtype is not None:

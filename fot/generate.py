@@ -3,11 +3,11 @@
     python -m fot.generate MODEL --prompt-file F --max-new-tokens N [--temperature T] [--top-p P]
     python -m fot.generate MODEL --prompt-file DOC --save-memory doc.npz      # read once, save
     python -m fot.generate MODEL --memory doc.npz --prompt "Question?" --max-new-tokens N
-    python -m fot.generate MODEL --prompt-file F memory.retrieval=knn memory.capacity=262144
+    python -m fot.generate MODEL --prompt-file F retrieval.mode=knn retrieval.capacity=262144
 
 MODEL: a fot checkpoint or Hugging Face directory (LongLLaMA or LLaMA) as `fot.convert.load_model`
-reads it, with key=value overrides of its config (memory.retrieval, memory.knn_k, memory.capacity,
-memory.last_context_length, ...). The prompt is read window by window into the memory, then tokens
+reads it, with key=value overrides of its config (retrieval.mode, retrieval.knn_k, retrieval.capacity,
+retrieval.last_context_length, ...). The prompt is read window by window into the memory, then tokens
 stream to stdout.
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help="default: model.max_position_embeddings")
     p.add_argument("--memory", type=Path, help="a memory saved with --save-memory, read before the prompt")
     p.add_argument("--save-memory", type=Path, help="read the prompt into memory, save it here and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides: memory.retrieval=knn, ...")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides: retrieval.mode=knn, ...")
     a = p.parse_intermixed_args(argv)
     if a.prompt_file is None and a.prompt is None:
         p.error("give --prompt-file or --prompt")

@@ -56,8 +56,8 @@ def _output(logits: jax.Array, targets: jax.Array, n_valid: jax.Array, out: str)
     return None
 
 
-@partial(jax.jit, static_argnames=("graphdef", "mem_cfg", "out", "rope_len"))
-def _window_step(graphdef, params, mem, index, ids, targets, n_valid, *, mem_cfg, out, rope_len):
+@partial(jax.jit, static_argnames=("graphdef", "retrieval", "out", "rope_len"))
+def _window_step(graphdef, params, mem, index, ids, targets, n_valid, *, retrieval, out, rope_len):
     """One prefix window: positions 0..T-1, memory read only. Returns the output and the window's
     memory-layer keys/values, which `_write` appends after (a separate call: inside one program XLA
     copies the whole memory before updating it in place, because the retrieval loop also reads it)."""
@@ -65,9 +65,9 @@ def _window_step(graphdef, params, mem, index, ids, targets, n_valid, *, mem_cfg
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = module.context(pos, pos, None, rope_len)
-    x, kv = module.run_layers(module.embed(ids), ctx, memory=session_memory(module, mem_cfg, mem, index),
+    x, kv = module.run_layers(module.embed(ids), ctx, memory=session_memory(module, retrieval, mem, index),
                               collect_kv=True)
-    new = to_memory(module, ctx, kv) if mem_cfg.layers else None
+    new = None if retrieval is None else to_memory(module, ctx, kv)
     return _output(module.head(x), targets, n_valid, out), new
 
 
@@ -76,9 +76,9 @@ def _write(mem, k, v, n_valid):
     return memlib.write(mem, k, v, n_valid)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "mem_cfg", "out", "rope_len"),
+@partial(jax.jit, static_argnames=("graphdef", "retrieval", "out", "rope_len"),
          donate_argnames=("cache",))
-def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cache_len, *, mem_cfg,
+def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cache_len, *, retrieval,
                 out, rope_len):
     """Tokens after the local cache: queries at cache_len.., keys [cache | new], memory read only."""
     module = nnx.merge(graphdef, params)
@@ -89,7 +89,7 @@ def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cach
     k_valid = jnp.concatenate([jnp.arange(p) < cache_len, jnp.arange(s) < n_valid])
     ctx = module.context(q_pos, k_pos, jnp.broadcast_to(k_valid, (b, p + s)), rope_len)
     x, kv = module.run_layers(module.embed(ids), ctx, past=cache,
-                              memory=session_memory(module, mem_cfg, mem, index), collect_kv=True)
+                              memory=session_memory(module, retrieval, mem, index), collect_kv=True)
     at = (0, 0, cache_len, 0, 0)
     cache = KV(jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), at),
                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), at))
@@ -119,14 +119,14 @@ class Session:
         `rope_len`: the length dynamic RoPE scaling sees (default model.max_position_embeddings)."""
         cfg = model.config
         self.model = model
-        if cfg.memory.arch != model.module.mem:
-            raise ValueError(f"model.config.memory ({cfg.memory.arch}) does not match the module's "
+        if cfg.memory != model.module.mem:
+            raise ValueError(f"model.config.memory ({cfg.memory}) does not match the module's "
                              f"({model.module.mem})")
-        # retrieval, capacity, dtype...: inference-time choices
-        self.mem_cfg = cfg.memory if memory else dataclasses.replace(cfg.memory, layers=())
+        # what this session stores and how it reads it; None: no memory is read or written
+        self.retrieval = cfg.retrieval if memory and cfg.memory.layers else None
         self._rope_len = rope_len or cfg.model.max_position_embeddings
         self.window = window or cfg.model.max_position_embeddings
-        self.last_context_length = (cfg.memory.last_context_length if last_context_length is None
+        self.last_context_length = (cfg.retrieval.last_context_length if last_context_length is None
                                     else last_context_length)
         if self.window <= 0 or self.last_context_length < 0:
             raise ValueError(f"window must be positive and last_context_length >= 0, got "
@@ -139,8 +139,13 @@ class Session:
         shape = (m.num_hidden_layers, batch, cache_len, m.kv_heads, m.dim_per_head)
         self.cache = KV(jnp.zeros(shape, DTYPES[m.dtype]), jnp.zeros(shape, DTYPES[m.dtype]))
         self.cache_len = 0
-        self.memory = memlib.Memory(m, self.mem_cfg, batch, max_write=cache_len)
+        self.memory = memlib.Memory(m, self.memory_layers, cfg.retrieval, batch, max_write=cache_len)
         self.tokens_read = 0
+
+    @property
+    def memory_layers(self) -> int:
+        """How many memory layers this session stores (0 without memory)."""
+        return len(self.model.config.memory.layers) if self.retrieval is not None else 0
 
     @property
     def rope_len(self) -> int:
@@ -151,7 +156,7 @@ class Session:
 
     def _write_memory(self, n: int, do) -> None:
         """Apply the capacity policy, run `do()` (returns the new memory state), maybe reindex."""
-        if self.mem_cfg.layers:
+        if self.retrieval is not None:
             self.memory.make_room(n, self.window)
             self.memory.filled += n
         self.memory.set_state(do())
@@ -168,7 +173,7 @@ class Session:
         def do():
             state, index = self._mem_args()
             result["y"], new = _window_step(self.graphdef, self.params, state, index, padded, tgt,
-                                            jnp.int32(n), mem_cfg=self.mem_cfg, out=out,
+                                            jnp.int32(n), retrieval=self.retrieval, out=out,
                                             rope_len=self.rope_len)
             return state if new is None else _write(state, *new, jnp.int32(n))
 
@@ -178,7 +183,7 @@ class Session:
 
     def _move_cache(self) -> None:
         n = self.cache_len
-        if n and self.mem_cfg.layers:  # other layers' cached keys are dropped
+        if n and self.retrieval is not None:  # other layers' cached keys are dropped
             self._write_memory(n, lambda: _cache_to_memory(
                 self.graphdef, self.params, self.memory.state, self.cache, jnp.int32(n),
                 rope_len=self.rope_len))
@@ -195,7 +200,7 @@ class Session:
         tgt[:, :n] = targets
         state, index = self._mem_args()
         y, self.cache = _local_step(self.graphdef, self.params, state, index, padded, jnp.int32(n),
-                                    tgt, self.cache, jnp.int32(self.cache_len), mem_cfg=self.mem_cfg,
+                                    tgt, self.cache, jnp.int32(self.cache_len), retrieval=self.retrieval,
                                     out=out, rope_len=self.rope_len)
         self.cache_len += n
         self.tokens_read += n
@@ -237,7 +242,8 @@ class Session:
         new = object.__new__(Session)
         new.__dict__.update(self.__dict__)
         new.cache = jax.tree.map(jnp.copy, self.cache)
-        new.memory = memlib.Memory(self.model.config.model, self.mem_cfg, self.batch, self.memory.max_write)
+        new.memory = memlib.Memory(self.model.config.model, self.memory_layers, self.model.config.retrieval,
+                                   self.batch, self.memory.max_write)
         new.memory.set_state(jax.tree.map(jnp.copy, self.memory.state))
         new.memory.filled = self.memory.filled
         new.memory.index = self.memory.index
@@ -280,7 +286,7 @@ class Session:
         s = cls(model, meta["batch"], meta["window"], meta["last_context_length"])
         f, c = meta["filled"], meta["cache_len"]
         if f > s.memory.capacity:
-            raise ValueError(f"{path}: holds {f} memory tokens, more than memory.capacity="
+            raise ValueError(f"{path}: holds {f} memory tokens, more than retrieval.capacity="
                              f"{s.memory.capacity}")
         st = s.memory.state
         put = lambda buf, a: jax.lax.dynamic_update_slice(buf, memlib.encode(jnp.asarray(a), buf.dtype),
@@ -314,7 +320,8 @@ def fingerprint(model) -> str:
     (and memory layout) that built it."""
     cfg = model.config
     mem = cfg.memory
-    desc = {"model": dataclasses.asdict(cfg.model), "memory": [list(mem.layers), mem.positionals, mem.dtype]}
+    desc = {"model": dataclasses.asdict(cfg.model),
+            "memory": [list(mem.layers), mem.positionals, cfg.retrieval.dtype]}
     params = nnx.state(model.module, nnx.Param)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     sums = _param_sums([x for _, x in leaves])

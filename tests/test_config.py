@@ -67,6 +67,7 @@ def test_bad_yaml_names_key_and_file(tmp_path, text, key):
     ("train.clip_norm", -1), ("train.warmup_steps", -5), ("train.b2", 1.5), ("train.b1", 1.0),
     ("train.eps", 0), ("train.weight_decay", -0.1), ("train.min_lr_ratio", 2), ("train.window", 0),
     ("model.rms_norm_eps", 0), ("model.rope_theta", ".inf"), ("model.initializer_range", -0.02),
+    ("retrieval.capacity", 0), ("retrieval.knn_k", -1), ("retrieval.last_context_length", -1),
 ])
 def test_impossible_hyperparameters_name_the_key_and_file(tmp_path, key, value):
     section, name = key.split(".")
@@ -99,6 +100,26 @@ def test_overrides(tmp_path):
         load_config(CONFIGS / "tiny_model.yaml", ["model.hidden_sise=3"])
     with pytest.raises(ConfigError, match=r"tiny_model\.yaml.*memory\.layers contains 7"):
         load_config(CONFIGS / "tiny_model.yaml", ["memory.layers=[7]"])
+
+
+def test_retrieval_settings_are_their_own_section_and_the_old_names_still_read(tmp_path):
+    """The module is built from `memory` alone; a config saved before the split (retrieval settings
+    under `memory`) and overrides with those names read as the `retrieval` section."""
+    from fot.config import MemoryConfig, inference_only, trajectory_changes
+
+    assert {f.name for f in dataclasses.fields(MemoryConfig)} == {"layers", "positionals", "gate"}
+    old = _write(tmp_path, "memory:\n  layers: [0]\n  retrieval: knn\n  knn_k: 7\n  capacity: 4096\n"
+                           "  last_context_length: 32\n  dtype: float32\n")
+    cfg = load_config(old, ["memory.ivf_probe=3", "memory.on_full=drop_oldest"])
+    assert cfg.memory == MemoryConfig(layers=(0,))
+    r = cfg.retrieval
+    assert (r.mode, r.knn_k, r.capacity, r.last_context_length, r.dtype, r.ivf_probe, r.on_full) == (
+        "knn", 7, 4096, 32, "float32", 3, "drop_oldest")
+    assert load_config(old, ["retrieval.mode=ivf"]).retrieval.mode == "ivf"  # an override wins
+    assert inference_only("memory.knn_k") and inference_only("retrieval.capacity")
+    assert not inference_only("memory.layers") and not inference_only("train.steps")
+    assert trajectory_changes(cfg, load_config(old, ["retrieval.mode=dense", "memory.knn_k=1"])) == {}
+    assert list(trajectory_changes(cfg, load_config(old, ["memory.positionals=false"]))) == ["memory.positionals"]
 
 
 def test_base_file_is_merged_section_by_section(tmp_path):

@@ -126,10 +126,10 @@ def test_tiny_config_checkpoint_keeps_tokenizer_and_bf16_params(tmp_path):
 
 def test_override_rule(hf_dir):
     rope = {"rope_type": "linear", "factor": 4.0}
-    m = load_model(hf_dir, rope_scaling=rope, mem_layers=[0], memory={"retrieval": "knn"},
+    m = load_model(hf_dir, rope_scaling=rope, mem_layers=[0], retrieval={"mode": "knn"},
                    **{"model.rope_theta": 500.0, "train.seed": 7})
     assert m.config.model.rope_scaling == rope and m.config.model.rope_theta == 500.0
-    assert m.config.memory.layers == (0,) and m.config.memory.retrieval == "knn"
+    assert m.config.memory.layers == (0,) and m.config.retrieval.mode == "knn"
     assert m.config.train.seed == 7
     with pytest.raises(ConfigError, match=r"'seed' is ambiguous.*data\.seed"):
         load_model(hf_dir, seed=1)

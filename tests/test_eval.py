@@ -168,8 +168,8 @@ def test_memory_methods_and_rope_baselines_on_a_real_model():
         passkey.prepare(plain, memory=False, retrieval=None, rope_scaling="linear:0.5", max_length=512)
     mem = tiny_model(memory_layers=[1])
     gen, name = passkey.prepare(mem, memory=True, retrieval="knn", rope_scaling=None, max_length=512)
-    assert name == "fot-knn" and gen.model.config.memory.retrieval == "knn"
-    assert mem.config.memory.retrieval == "dense"
+    assert name == "fot-knn" and gen.model.config.retrieval.mode == "knn"
+    assert mem.config.retrieval.mode == "dense"
     assert gen.model.module.embed_tokens.embedding[...] is mem.module.embed_tokens.embedding[...]  # shared
     # FoT + a RoPE-scaled local window: the default factor stretches max_position_embeddings to the window
     gen, name = passkey.prepare(mem, memory=True, rope_scaling="linear", max_length=4096, window=256)
@@ -328,7 +328,7 @@ def test_cli_smoke_and_errors(tmp_path):
 
     run = cli("plain", "--memory", "off")
     assert run.returncode == 0, run.stderr
-    run = cli("fot", "--memory", "on", "memory.retrieval=knn")  # 300 tokens: 3 windows of 128
+    run = cli("fot", "--memory", "on", "retrieval.mode=knn")  # 300 tokens: 3 windows of 128
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "results.json").read_text())
     assert [(t["method"], t["prompt_tokens"]) for t in data["trials"]] == [("baseline", 300),
@@ -339,8 +339,8 @@ def test_cli_smoke_and_errors(tmp_path):
     assert bad.returncode == 1 and "no memory layers" in bad.stderr
     bad = cli("plain", "--memory", "off", "--lengths", "200")
     assert bad.returncode == 1 and "at least 248 tokens" in bad.stderr
-    bad = cli("fot", "memory.retrieval=nearest")
-    assert bad.returncode == 1 and "memory.retrieval" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = cli("fot", "retrieval.mode=nearest")
+    assert bad.returncode == 1 and "retrieval.mode" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("memory", [True, False])
@@ -371,12 +371,12 @@ def test_changing_retrieval_keeps_the_module_and_scales_rope_in_a_new_one():
 
     model = tiny_model(memory_layers=[1], scale=3.0)
     knn = passkey.reconfigure(model, retrieval="knn")
-    assert knn.module is model.module and knn.config.memory.retrieval == "knn"
-    assert model.config.memory.retrieval == "dense"
+    assert knn.module is model.module and knn.config.retrieval.mode == "knn"
+    assert model.config.retrieval.mode == "dense"
     ids = np.random.RandomState(0).randint(3, 259, (1, 300))
     dense_logits = np.asarray(model.logits_long(ids))
-    mem = dataclasses.replace(knn.config.memory, knn_k=10_000)  # above every stored key: dense's softmax
-    knn_k = dataclasses.replace(knn, config=dataclasses.replace(knn.config, memory=mem))
+    ret = dataclasses.replace(knn.config.retrieval, knn_k=10_000)  # above every stored key: dense's softmax
+    knn_k = dataclasses.replace(knn, config=dataclasses.replace(knn.config, retrieval=ret))
     np.testing.assert_allclose(np.asarray(knn_k.logits_long(ids)), dense_logits, atol=1e-5)
     yarn = passkey.reconfigure(model, rope_scaling={"type": "yarn", "factor": 4.0})
     assert yarn.module is not model.module

@@ -19,7 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 TINY = {
     "model": dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
-    "memory": dict(layers=[1], positionals=False, last_context_length=64),
+    "memory": dict(layers=[1], positionals=False),
+    "retrieval": dict(last_context_length=64),
     "data": {"tokenizer": "byte", "sources": [{"path": "builtin:passkey", "min_chars": 200, "max_chars": 600}]},
     "train": dict(steps=2, batch_size=4, window=128, pack_size=2, cross_batch_range=1, learning_rate=1e-3,
                   checkpoint_every=2, log_every=1),
@@ -78,15 +79,15 @@ def test_bad_inputs_name_key_and_file(tmp_path):
     msg = error(experiment={"lengths": [100, 512]})
     assert "experiment.lengths" in msg and "below the passkey prompt's fixed part" in msg
     assert "experiment.lengths[0]" in error(experiment={"lengths": ["4q"]})
-    assert "raise memory.capacity" in error(memory={"capacity": 300})
+    assert "raise retrieval.capacity" in error(retrieval={"capacity": 300})
     assert "python -m fot.experiments.sweep" in error(sweep={"axes": {"train.seed": [0, 1]}})
     assert "unknown key 'train.sed'" in error(experiment={"baseline_overrides": ["train.sed=1"]})
     # The baseline's 256-token window: documents of at most 200 bytes never fill it.
     msg = error(data={"sources": [{"path": "builtin:passkey", "min_chars": 100, "max_chars": 200}]},
                 experiment={"methods": ["baseline"]})
     assert "baseline" in msg and "has at least 256 tokens" in msg
-    msg = error(experiment={"distractors": [0, 64]}, memory={"capacity": 5000})
-    assert "experiment.distractors=64" in msg and "raise memory.capacity" in msg
+    msg = error(experiment={"distractors": [0, 64]}, retrieval={"capacity": 5000})
+    assert "experiment.distractors=64" in msg and "raise retrieval.capacity" in msg
     assert "experiment.seeds must be distinct" in error(experiment={"seeds": [0, 0]})
     # Fine-tuning at 4x the baseline's context keeps its tokens per step: 2 rows cannot be split in 4.
     msg = error(experiment={"methods": ["ft-pi"], "finetune": {"factor": 4}})
@@ -128,7 +129,7 @@ def test_a_run_dir_of_another_config_is_an_error(tmp_path):
 
     cfg = load_experiment(write_config(tmp_path)).config
     save_config(cfg, tmp_path / "config.yaml")
-    same = load_experiment(write_config(tmp_path, train={"steps": 9}, memory={"knn_k": 4})).config
+    same = load_experiment(write_config(tmp_path, train={"steps": 9}, retrieval={"knn_k": 4})).config
     check_same_run(same, tmp_path)  # more steps continue the run; knn_k matters at inference only
     other = load_experiment(write_config(tmp_path, train={"learning_rate": 0.5})).config
     with pytest.raises(ConfigError, match="train.learning_rate: 0.001 there, 0.5 now"):
@@ -142,12 +143,12 @@ def test_a_run_dir_of_another_config_is_an_error(tmp_path):
 def test_grid_expansion():
     grid = sweep.expand(SweepConfig(axes={
         "train.cross_batch_range": [0, 3],
-        "retrieval": [{"memory.retrieval": "dense"}, {"memory.retrieval": "knn", "memory.knn_k": 16}]}), "f")
+        "search": [{"retrieval.mode": "dense"}, {"retrieval.mode": "knn", "retrieval.knn_k": 16}]}), "f")
     assert grid == [
-        {"train.cross_batch_range": 0, "memory.retrieval": "dense"},
-        {"train.cross_batch_range": 0, "memory.retrieval": "knn", "memory.knn_k": 16},
-        {"train.cross_batch_range": 3, "memory.retrieval": "dense"},
-        {"train.cross_batch_range": 3, "memory.retrieval": "knn", "memory.knn_k": 16}]
+        {"train.cross_batch_range": 0, "retrieval.mode": "dense"},
+        {"train.cross_batch_range": 0, "retrieval.mode": "knn", "retrieval.knn_k": 16},
+        {"train.cross_batch_range": 3, "retrieval.mode": "dense"},
+        {"train.cross_batch_range": 3, "retrieval.mode": "knn", "retrieval.knn_k": 16}]
     cells = ({"memory.layers": [0]}, {"memory.layers": [0, 1]})
     assert sweep.expand(SweepConfig(cells=cells), "f") == list(cells)
     bad = [(SweepConfig(), "needs axes or cells"),
@@ -165,7 +166,7 @@ def sweep_file(tmp_path):
     return load_experiment(write_config(tmp_path, sweep={"axes": {
         "train.cross_batch_range": [0, 1],
         "train.seed": [0, 1, 2],
-        "retrieval": [{"memory.retrieval": "dense"}, {"memory.retrieval": "knn", "memory.knn_k": 16}]}}))
+        "search": [{"retrieval.mode": "dense"}, {"retrieval.mode": "knn", "retrieval.knn_k": 16}]}}))
 
 
 def test_task_split_runs_each_cell_once_and_each_model_in_one_task(tmp_path):
@@ -194,7 +195,7 @@ def test_finished_cells_are_skipped_and_gathered(tmp_path, monkeypatch):
 
     def fake_eval(cell, final, ef, progress):
         calls["eval"].append(cell.name)
-        right = cell.overrides["memory.retrieval"] == "dense"
+        right = cell.overrides["retrieval.mode"] == "dense"
         return "fake", {}, [{"method": cell.name, "length": n, "depth": 0.5, "correct": right,
                              "seed": cell.config.train.seed} for n in ef.experiment.token_lengths()]
 
@@ -212,10 +213,10 @@ def test_finished_cells_are_skipped_and_gathered(tmp_path, monkeypatch):
     md = paths["md"].read_text()
     # One row per cell without its seed (train.seed): the 3 seeds' trials pooled, Wilson 95%.
     assert "| method | 256 | 512 |" in md
-    assert "| cross_batch_range=1, retrieval=knn, knn_k=16 | 0.00 [0.00, 0.56] 0/3 | 0.00 [0.00, 0.56] 0/3 |" in md
-    assert "| cross_batch_range=0, retrieval=dense | 1.00 [0.44, 1.00] 3/3 | 1.00 [0.44, 1.00] 3/3 |" in md
-    assert "| cross_batch_range=0, retrieval=dense | 256 | 1/1 | 1/1 | 1/1 |" in md  # per seed
-    assert "| train.cross_batch_range=1,train.seed=2,memory.retrieval=knn,memory.knn_k=16 | 1.5 |" in md
+    assert "| cross_batch_range=1, mode=knn, knn_k=16 | 0.00 [0.00, 0.56] 0/3 | 0.00 [0.00, 0.56] 0/3 |" in md
+    assert "| cross_batch_range=0, mode=dense | 1.00 [0.44, 1.00] 3/3 | 1.00 [0.44, 1.00] 3/3 |" in md
+    assert "| cross_batch_range=0, mode=dense | 256 | 1/1 | 1/1 | 1/1 |" in md  # per seed
+    assert "| train.cross_batch_range=1,train.seed=2,retrieval.mode=knn,retrieval.knn_k=16 | 1.5 |" in md
     data = json.loads(paths["json"].read_text())
     assert len(data["cells"]) == 12 and data["missing"] == []
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"

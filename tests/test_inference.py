@@ -23,9 +23,9 @@ def tiny(positionals=True, retrieval="dense", layers=(1,), capacity=512, on_full
         "model": {**dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=W),
                   **model},
-        "memory": dict(layers=list(layers), positionals=positionals, dtype=mem_dtype,
-                       last_context_length=LCL, capacity=capacity, on_full=on_full,
-                       retrieval=retrieval, knn_k=knn_k)})
+        "memory": dict(layers=list(layers), positionals=positionals),
+        "retrieval": dict(mode=retrieval, knn_k=knn_k, dtype=mem_dtype, capacity=capacity, on_full=on_full,
+                          last_context_length=LCL)})
     return FotModel.random(cfg, seed=seed)
 
 
@@ -197,7 +197,7 @@ def test_bad_input_is_a_clear_error():
 
 def test_capacity_error_and_drop_oldest(caplog):
     ids = ids_of(6 * W + LCL, seed=12)
-    with pytest.raises(MemoryCapacityError, match="memory.capacity=64"):
+    with pytest.raises(MemoryCapacityError, match="retrieval.capacity=64"):
         tiny(capacity=4 * W).logits_long(ids)
     model = tiny(capacity=4 * W, on_full="drop_oldest")
     with caplog.at_level(logging.WARNING):
@@ -220,8 +220,8 @@ def test_longllama_hf_directory_loads_and_reads_long_input(tmp_path):
     edit_config(tmp_path, model_type="longllama", architectures=["LongLlamaForCausalLM"], mem_layers=[1],
                 mem_positionals=positionals, mem_dtype="float32", last_context_length=40)
     model = load_model(tmp_path)
-    mem = model.config.memory
-    assert (mem.layers, mem.positionals, mem.dtype, mem.last_context_length) == (
+    mem, ret = model.config.memory, model.config.retrieval
+    assert (mem.layers, mem.positionals, ret.dtype, ret.last_context_length) == (
         (1,), positionals, "float32", 40)
     ids = random_ids(1, 2 * 128 + 100, seed=13)  # two prefix windows + 60 + the local 40
     got = np.asarray(model.logits_long(ids))
@@ -251,11 +251,11 @@ def test_generate_cli_streams_text_and_reuses_saved_memory(tmp_path, capsys):
         main([str(tmp_path / "m"), "--prompt-file", str(tmp_path / "absent.txt")])
     # config overrides, key=value as for training: k above every stored key reads what dense reads
     assert main([str(tmp_path / "m"), "--prompt-file", str(tmp_path / "doc.txt"), "--max-new-tokens", "6",
-                 "memory.retrieval=knn", "memory.knn_k=4096"]) == 0
+                 "retrieval.mode=knn", "retrieval.knn_k=4096"]) == 0
     assert capsys.readouterr().out == model.generate(doc, 6) + "\n"
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "m"), "--prompt", "Sky?", "memory.retrieval=nearest"])
-    assert "memory.retrieval" in capsys.readouterr().err
+        main([str(tmp_path / "m"), "--prompt", "Sky?", "retrieval.mode=nearest"])
+    assert "retrieval.mode" in capsys.readouterr().err
 
 
 def test_closed_gate_ablation_reads_no_memory():

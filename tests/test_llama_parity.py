@@ -61,8 +61,8 @@ def test_longllama_config_keeps_memory_fields(tmp_path):
                 mem_positionals=True, mem_dtype="float32", last_context_length=16, mem_attention_grouping=None,
                 torch_attention=True, gradient_checkpoint_every_ith=1)
     model = load_model(tmp_path)
-    mem = model.config.memory
-    assert (mem.layers, mem.positionals, mem.dtype, mem.last_context_length) == ((1,), True, "float32", 16)
+    mem, ret = model.config.memory, model.config.retrieval
+    assert (mem.layers, mem.positionals, ret.dtype, ret.last_context_length) == ((1,), True, "float32", 16)
     # With no memory attached, a LongLLaMA (positionals on) computes exactly what LLaMA does.
     ids = random_ids(2, 17)
     assert np.abs(np.asarray(model.logits(ids)) - hf_logits(hf, ids)).max() <= F32_TOL

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from fot.api import FotModel
-from fot.config import MemoryConfig, ModelConfig, config_from_dict
+from fot.config import ModelConfig, RetrievalConfig, config_from_dict
 from fot.model.memory import store as M
 from fot.model.partials import combine
 
@@ -81,7 +81,7 @@ def test_knn_with_k_at_least_memory_equals_dense():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_writes_append_and_padding_is_invalid(dtype):
     mem = M.Memory(ModelConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=2),
-                   MemoryConfig(layers=(0, 1), dtype=dtype, capacity=20), batch=1, max_write=6)
+                   2, RetrievalConfig(dtype=dtype, capacity=20), batch=1, max_write=6)
     assert mem.state.keys.shape[3] >= 26
     r = np.random.RandomState(3)
     chunks = [r.randn(2, 1, 6, 2, 8).astype(np.float32) for _ in range(3)]
@@ -102,10 +102,10 @@ def test_memory_is_its_own_variable_type_not_a_param():
     cfg = config_from_dict({"model": dict(vocab_size=32, hidden_size=16, intermediate_size=16,
                                           num_hidden_layers=2, num_attention_heads=2),
                             "memory": dict(layers=[1])})
-    mem = M.Memory(cfg.model, cfg.memory, batch=1, max_write=8)
+    mem = M.Memory(cfg.model, 1, cfg.retrieval, batch=1, max_write=8)
     assert len(jax.tree.leaves(nnx.state(mem, nnx.Param))) == 0
     assert len(jax.tree.leaves(nnx.state(mem, M.MemoryCache))) == 4
-    assert M.decode(mem.state.keys).dtype == jnp.bfloat16  # memory.dtype default
+    assert M.decode(mem.state.keys).dtype == jnp.bfloat16  # retrieval.dtype default
     assert mem.state.keys.dtype == jnp.uint16  # stored as bit patterns (module docstring)
     assert mem.memory_bytes_per_token() == 2 * 2 * 8 * 2 + 1
     model = FotModel.random(cfg)
@@ -147,10 +147,10 @@ def test_ivf_recall_and_full_probe_is_exact(loop):
 def test_model_ivf_with_full_probe_equals_dense():
     base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    mem = dict(layers=[1], dtype="float32", last_context_length=8, capacity=512)
-    dense = FotModel.random(config_from_dict({"model": base, "memory": mem}))
-    ivf = FotModel(config_from_dict({"model": base, "memory": dict(
-        mem, retrieval="ivf", knn_k=512, ivf_clusters=4, ivf_probe=512)}), dense.module)
+    ret = dict(dtype="float32", last_context_length=8, capacity=512)
+    dense = FotModel.random(config_from_dict({"model": base, "memory": dict(layers=[1]), "retrieval": ret}))
+    ivf = FotModel(config_from_dict({"model": base, "memory": dict(layers=[1]), "retrieval": dict(
+        ret, mode="ivf", knn_k=512, ivf_clusters=4, ivf_probe=512)}), dense.module)
     ids = np.random.RandomState(7).randint(0, 64, (1, 20 * 16))
     s = ivf.build_memory(ids[:, :-1])
     assert s.memory.index is not None and 0 < int(s.memory.index.indexed) <= s.memory.filled

@@ -65,7 +65,7 @@ def test_changed_config_is_refused_then_accepted_with_the_flag(runs, tmp_path, c
 def test_bookkeeping_changes_resume_freely(runs, tmp_path):
     cfg, run = copy_base(runs, tmp_path)
     assert resume(cfg, run, "train.log_every=3", "train.checkpoint_every=5", "train.keep_checkpoints=2",
-                  "memory.retrieval=knn", "memory.knn_k=2") == 0
+                  "retrieval.mode=knn", "retrieval.knn_k=2") == 0
     assert losses(run) == losses(runs / "reference")
 
 

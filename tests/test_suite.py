@@ -335,7 +335,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
     tiny_model(memory_layers=[1]).save(tmp_path / "fot")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fot.eval.suite", str(tmp_path / "fot"), "--tasks", "niah_filler,vt:hops=2,named",
-           "--lengths", "300", "--trials", "2", "--distractors", "1", "memory.last_context_length=64",
+           "--lengths", "300", "--trials", "2", "--distractors", "1", "retrieval.last_context_length=64",
            "--no-progress", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

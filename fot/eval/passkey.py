@@ -1,7 +1,7 @@
 """Passkey retrieval (the LongLLaMA/landmark prompt): accuracy per context length, depth and method.
 
     python -m fot.eval.passkey MODEL --lengths 1k,4k,16k --trials 10 --depths uniform --seed 0 \
-        --memory on --out results/passkey memory.retrieval=knn
+        --memory on --out results/passkey retrieval.mode=knn
 
 MODEL is anything `fot.load_model` reads (a fot checkpoint or a Hugging Face directory). For each
 target length (tokens; 1k = 1024) and trial, the prompt from `fot.data.passkey.build_passkey_prompt`
@@ -14,8 +14,8 @@ LLaMA SentencePiece models both give "▁", digits). A trial is correct only if 
 equals its answer token.
 
 Methods: `--memory on` uses the model's FoT memory (`FotModel.generate`: the prompt is read window
-by window into memory; `--window`, and key=value config overrides such as `memory.retrieval=knn` or
-`memory.last_context_length=64`); `--memory off` is the baseline: the
+by window into memory; `--window`, and key=value config overrides such as `retrieval.mode=knn` or
+`retrieval.last_context_length=64`); `--memory off` is the baseline: the
 memory layers get no memory and the whole prompt goes through plain causal attention at positions
 0..N-1. `--rope-scaling` applies to either (with memory on: FoT + a RoPE-scaled local window).
 
@@ -282,7 +282,7 @@ class FullAttention:
 class WithMemory:
     """Memory on: `FotModel.generate`, which reads a long prompt window by window into the memory.
     window (default model.max_position_embeddings) and last_context_length (default
-    memory.last_context_length) are those of `fot.inference.Session`."""
+    retrieval.last_context_length) are those of `fot.inference.Session`."""
 
     def __init__(self, model, window: int | None = None, last_context_length: int | None = None):
         if not model.config.memory.layers:
@@ -306,7 +306,7 @@ class WithMemory:
 
     def memory_tokens(self, n_prompt: int) -> int:
         """How many of a fresh prompt's tokens go into the memory (the rest: the local context)."""
-        lcl = self.model.config.memory.last_context_length if self.last_context_length is None \
+        lcl = self.model.config.retrieval.last_context_length if self.last_context_length is None \
             else self.last_context_length
         return max(n_prompt - lcl, 0)
 
@@ -372,7 +372,7 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     if retrieval is not None:
         if retrieval not in ("dense", "knn", "ivf"):
             raise ValueError(f"retrieval {retrieval!r} is not one of dense, knn, ivf")
-        changes["memory"] = dataclasses.replace(cfg.memory, retrieval=retrieval)
+        changes["retrieval"] = dataclasses.replace(cfg.retrieval, mode=retrieval)
     if not changes:
         return model
     cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
@@ -418,7 +418,7 @@ def prepare(model, *, memory: bool, retrieval: str | None = None, rope_scaling: 
     if retrieval is not None:
         model = reconfigure(model, retrieval=retrieval)
     gen = generator(model, memory, window, last_context_length)
-    name = method_name(memory, model.config.memory.retrieval if memory else None, rope)
+    name = method_name(memory, model.config.retrieval.mode if memory else None, rope)
     if window is not None:
         name += f"+w{window}"
     return gen, name
@@ -440,8 +440,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="memory on: local window (default: max_position_embeddings)")
     ap.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16)")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="the model's config for this evaluation, as for training: memory.retrieval=knn, "
-                         "memory.knn_k=16, memory.last_context_length=64, ...")
+                    help="the model's config for this evaluation, as for training: retrieval.mode=knn, "
+                         "retrieval.knn_k=16, retrieval.last_context_length=64, ...")
     ap.add_argument("--method-name", default=None, help="label in tables and plots")
     ap.add_argument("--out", required=True, help="output directory")
 

@@ -20,7 +20,7 @@ evaluated length up to which the accuracy stays >= --threshold at every evaluate
 if the shortest already falls below). results.md also gives RULER's number, the mean score.
 
 Methods (--memory, --rope-scaling, --window, key=value config overrides such as
-memory.retrieval=knn) are those of fot.eval.passkey. Outputs in
+retrieval.mode=knn) are those of fot.eval.passkey. Outputs in
 --out: results.json (every trial), results.md and score.png; runs of other methods already in
 --out/results.json are kept. Bad input (an unknown task or option, a length below a task's
 shortest prompt, trials <= 0) is a one-line error and exit status 2.

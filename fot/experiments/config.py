@@ -166,10 +166,10 @@ def _validate(ex: ExperimentConfig, cfg: Config, where: str) -> None:
 
 
 def check_capacity(cfg: Config, lengths: list[int], where: str, what: str = "experiment.lengths") -> None:
-    """Memory on reads whole prompts into the memory: the longest must fit in memory.capacity."""
-    if max(lengths) > cfg.memory.capacity:
+    """Memory on reads whole prompts into the memory: the longest must fit in retrieval.capacity."""
+    if max(lengths) > cfg.retrieval.capacity:
         raise ConfigError(f"{where}: {what} reaches {max(lengths)} tokens, more than "
-                          f"memory.capacity={cfg.memory.capacity}; raise memory.capacity")
+                          f"retrieval.capacity={cfg.retrieval.capacity}; raise retrieval.capacity")
 
 
 def named_prompt_tokens(cfg: Config, distractors: int) -> int:

@@ -99,7 +99,7 @@ def evaluate(method: Method, model, lengths: Sequence[int], *, window: int, pack
         out += [{**t, "window": win, "rope_scaling": dict(rope) if rope else None, "seed": training_seed}
                 for t in got]
     info = {"model": method.model, "memory": method.memory, "retrieval": method.retrieval,
-            "knn_k": model.config.memory.knn_k if method.retrieval == "knn" else None, "window": win,
+            "knn_k": model.config.retrieval.knn_k if method.retrieval == "knn" else None, "window": win,
             "rope_scaling": {str(t["length"]): t["rope_scaling"] for t in out if t["task"] == "passkey"}}
     return out, info
 

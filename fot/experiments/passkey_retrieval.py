@@ -29,7 +29,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
+from fot.config import Config, ConfigError, apply_overrides, config_from_dict
 
 from fot.experiments.config import ExperimentFile, check_capacity, load_experiment, named_prompt_tokens
 from fot.experiments.methods import DEFAULT_METHODS, Method, evaluate, parse_method, write_reports
@@ -172,7 +172,7 @@ def run(ef: ExperimentFile, out: Path, seed: int | None = None, train_only: list
         return {}
     # Inference-time memory settings (capacity, last_context_length, ...) come from the experiment
     # config, not from the checkpoint: they never change the trained weights.
-    evals = {k: getattr(cfgs["fot"].memory, k.split(".", 1)[1]) for k in INFERENCE_KEYS}
+    evals = {"retrieval": dataclasses.asdict(cfgs["fot"].retrieval)}
     models = {name: load_model(meta["training"][name]["final"], **evals) for name in wanted}
     fot_cfg = cfgs["fot"]
     specs = [m.spec for m in methods]

@@ -10,14 +10,14 @@ keys together, an axis may list mappings instead of values:
     sweep:
       axes:
         train.cross_batch_range: [0, 1, 3]
-        retrieval:                          # a label: each value is a set of overrides
-          - {memory.retrieval: dense}
-          - {memory.retrieval: knn, memory.knn_k: 16}
+        search:                             # a label: each value is a set of overrides
+          - {retrieval.mode: dense}
+          - {retrieval.mode: knn, retrieval.knn_k: 16}
 
 Each cell is trained (OUT/runs/<training overrides>/) and evaluated on passkey retrieval at
-experiment.lengths: with its memory (its memory.retrieval, knn_k, ...) when it has memory layers,
-else with plain attention over the whole prompt. Keys that only matter at inference (INFERENCE_KEYS in
-fot/config.py: memory.retrieval, memory.knn_k, ...) do not start another training: cells
+experiment.lengths: with its memory (its retrieval.mode, knn_k, ...) when it has memory layers,
+else with plain attention over the whole prompt. Keys that only matter at inference (the retrieval
+section: retrieval.mode, retrieval.knn_k, ...) do not start another training: cells
 that differ only in them share one trained model. A cell's result is OUT/cells/<cell>/result.json
 (accuracy per length, every trial, the final training loss); a cell with a result is skipped on a
 re-run.
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fot.config import INFERENCE_KEYS, Config, ConfigError, apply_overrides, config_from_dict
+from fot.config import Config, ConfigError, apply_overrides, config_from_dict, inference_only
 
 from fot.experiments.config import ExperimentFile, check_capacity, load_experiment
 from fot.experiments.methods import write_reports
@@ -65,11 +65,11 @@ class Cell:
 
     @property
     def train_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.overrides.items() if k not in INFERENCE_KEYS}
+        return {k: v for k, v in self.overrides.items() if not inference_only(k)}
 
     @property
     def eval_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.overrides.items() if k in INFERENCE_KEYS}
+        return {k: v for k, v in self.overrides.items() if inference_only(k)}
 
     @property
     def train_name(self) -> str:
@@ -137,7 +137,7 @@ def plan(ef: ExperimentFile, out: Path) -> list[Cell]:
                           f"python -m fot.experiments.passkey_retrieval")
     if ef.experiment.methods or ef.experiment.baseline_overrides:
         raise ConfigError(f"{where}: experiment.methods and experiment.baseline_overrides do not apply to "
-                          f"a sweep; vary memory.retrieval / memory.knn_k as sweep axes instead")
+                          f"a sweep; vary retrieval.mode / retrieval.knn_k as sweep axes instead")
     base = ef.config.to_dict()
     cells = []
     for i, overrides in enumerate(expand(ef.sweep, where)):
@@ -145,7 +145,7 @@ def plan(ef: ExperimentFile, out: Path) -> list[Cell]:
         full = config_from_dict(apply_overrides(base, as_override_args(overrides)), cell_where)
         if full.memory.layers:
             check_capacity(full, ef.experiment.token_lengths(), cell_where)
-        trained = {k: v for k, v in overrides.items() if k not in INFERENCE_KEYS}
+        trained = {k: v for k, v in overrides.items() if not inference_only(k)}
         tree = apply_overrides(base, as_override_args(trained))
         tree["train"]["run_dir"] = str(out / "runs" / slug(trained))
         cells.append(Cell(i, overrides, config_from_dict(tree, cell_where)))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot import sharding
-from fot.config import MemoryArch, MemoryConfig, ModelConfig
+from fot.config import MemoryConfig, ModelConfig
 from fot.model import attention, partials, ring, rope
 from fot.model.lora import LoRAProjection
 
@@ -155,9 +155,9 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
     """Decoder-only LLaMA. `memory` config decides which layers are FoT memory layers."""
 
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig | MemoryArch | None = None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig | None = None, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.mem = mem.arch if isinstance(mem, MemoryConfig) else mem or MemoryArch()  # what the graph uses
+        self.mem = mem or MemoryConfig()
         pd = DTYPES[cfg.param_dtype]
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pd,

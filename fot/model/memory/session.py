@@ -6,20 +6,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fot.config import RetrievalConfig
 from fot.model.llama import KV, Llama
 from fot.model.memory import store
 from fot.model.memory.keys import as_if_first, gate_of
 
 
-def session_memory(module: Llama, mem_cfg, mem: store.MemoryState, index):
+def session_memory(module: Llama, retrieval: RetrievalConfig | None, mem: store.MemoryState, index):
     """A `memory` callback for `Llama.run_layers`: each memory layer reads the store (never the
-    window itself: the window is written after its attention). None without memory layers or in
-    a session without memory."""
-    if not mem_cfg.layers:
+    window itself: the window is written after its attention). None (no memory read) when
+    `retrieval` is None: a model without memory layers or a session without memory."""
+    if retrieval is None:
         return None
 
     def fn(slot, q, k_new, v_new):
-        return [store.retrieve(mem_cfg, q, mem, slot, index)], gate_of(module, slot)
+        return [store.retrieve(retrieval, q, mem, slot, index)], gate_of(module, slot)
 
     return fn
 

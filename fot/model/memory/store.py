@@ -1,7 +1,7 @@
 """The FoT external key/value memory: fixed-capacity buffers and retrieval (dense, exact kNN, IVF).
 
 Layout: keys/values [M, B, K, A, D] (memory layer, row, kv head, slot, dim: kv-head major so every
-score block is one GEMM) in `memory.dtype`, validity [M, B, A], and one fill count shared by all
+score block is one GEMM) in `retrieval.dtype`, validity [M, B, A], and one fill count shared by all
 layers and rows (they all store the same tokens). A, the allocated slots, is the capacity plus room
 for one write, rounded up to the retrieval blocks, so a write is always a `dynamic_update_slice` at
 the fill count: the jitted steps never change shape and never recompile as the memory grows. Padded
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fot.config import MemoryConfig, ModelConfig
+from fot.config import ModelConfig, RetrievalConfig
 from fot.model.partials import NEG_INF, Partial, group_queries, merge
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ IVF_MIN_KEYS_PER_CLUSTER = 16  # no index below this fill (exact search is cheap
 
 
 class MemoryCapacityError(RuntimeError):
-    """The memory is full and `memory.on_full` is `error`."""
+    """The memory is full and `retrieval.on_full` is `error`."""
 
 
 class MemoryCache(nnx.Variable):
@@ -97,13 +97,13 @@ class Memory(nnx.Module):
     """The memory of one reading (a batch of documents). `filled` mirrors `count` on the host so the
     capacity policy is applied before any write, without waiting for the device."""
 
-    def __init__(self, model: ModelConfig, mem: MemoryConfig, batch: int, max_write: int):
-        self.mem_cfg = mem
-        self.capacity = mem.capacity
+    def __init__(self, model: ModelConfig, layers: int, cfg: RetrievalConfig, batch: int, max_write: int):
+        self.cfg = cfg
+        self.capacity = cfg.capacity
         self.max_write = max_write
-        a = allocated_slots(mem.capacity, max_write)
-        m, k, d = len(mem.layers), model.kv_heads, model.dim_per_head
-        dt = BITS.get(jnp.dtype(DTYPES[mem.dtype]), DTYPES[mem.dtype])
+        a = allocated_slots(cfg.capacity, max_write)
+        m, k, d = layers, model.kv_heads, model.dim_per_head
+        dt = BITS.get(jnp.dtype(DTYPES[cfg.dtype]), DTYPES[cfg.dtype])
         self.keys = MemoryCache(jnp.zeros((m, batch, k, a, d), dt))
         self.values = MemoryCache(jnp.zeros((m, batch, k, a, d), dt))
         self.valid = MemoryCache(jnp.zeros((m, batch, a), bool))
@@ -124,10 +124,10 @@ class Memory(nnx.Module):
         over = self.filled + n - self.capacity
         if over <= 0:
             return
-        if self.mem_cfg.on_full == "error":
+        if self.cfg.on_full == "error":
             raise MemoryCapacityError(
-                f"memory.capacity={self.capacity} tokens exceeded: {self.filled} stored + {n} new; raise "
-                f"memory.capacity or set memory.on_full=drop_oldest")
+                f"retrieval.capacity={self.capacity} tokens exceeded: {self.filled} stored + {n} new; raise "
+                f"retrieval.capacity or set retrieval.on_full=drop_oldest")
         drop = min(-(-over // window) * window, self.filled)
         log.warning("memory full (capacity %d): dropping the oldest %d tokens", self.capacity, drop)
         self.set_state(_drop_oldest(self.state, drop))
@@ -136,9 +136,9 @@ class Memory(nnx.Module):
 
     def maybe_rebuild_index(self, seed: int = 0) -> None:
         """IVF: (re)build when no index exists yet or the densely attended tail grew too large."""
-        if self.mem_cfg.retrieval != "ivf":
+        if self.cfg.mode != "ivf":
             return
-        c = self.mem_cfg.ivf_clusters
+        c = self.cfg.ivf_clusters
         if self.filled < c * IVF_MIN_KEYS_PER_CLUSTER:
             return
         indexed = 0 if self.index is None else int(self.index.indexed)
@@ -166,7 +166,7 @@ def encode(x: jax.Array, stored: jnp.dtype) -> jax.Array:
 
 
 def decode(a: jax.Array) -> jax.Array:
-    """Stored memory -> its values in `memory.dtype`."""
+    """Stored memory -> its values in `retrieval.dtype`."""
     return jax.lax.bitcast_convert_type(a, FLOATS[a.dtype]) if a.dtype in FLOATS else a
 
 
@@ -444,14 +444,14 @@ def ivf(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array, coun
     return _to_partial(tail, q.shape[1])
 
 
-def retrieve(cfg: MemoryConfig, q: jax.Array, s: MemoryState, slot: int,
+def retrieve(cfg: RetrievalConfig, q: jax.Array, s: MemoryState, slot: int,
              index: IVFIndex | None) -> Partial:
     """The memory partial of memory layer `slot` for queries q [B, T, H, D] (already rotated)."""
     keys, values, valid = s.keys[slot], s.values[slot], s.valid[slot]
     dense_block, topk_block = blocks(keys.shape[2])
-    if cfg.retrieval == "dense":
+    if cfg.mode == "dense":
         return dense(q, keys, values, valid, s.count, dense_block)
-    if cfg.retrieval == "ivf" and index is not None:
+    if cfg.mode == "ivf" and index is not None:
         one = IVFIndex(*(a if f == "indexed" else a[slot] for f, a in zip(IVFIndex._fields, index)))
         return ivf(q, keys, values, valid, s.count, one, cfg.knn_k, cfg.ivf_probe, dense_block)
     return knn(q, keys, values, valid, s.count, cfg.knn_k, topk_block)
