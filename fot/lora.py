@@ -24,7 +24,7 @@ from flax import traverse_util
 from fot.api import FotModel
 from fot.checkpoint import CheckpointError, atomic_dir, params_dict
 from fot.config import LORA_TARGETS, Config, ConfigError, LoraConfig
-from fot.weights import WEIGHTS
+from fot.hf import WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -96,7 +96,7 @@ def test_failed_export_leaves_nothing(hf_dir, tmp_path, monkeypatch):
         (dst / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(fot.convert, "_write_safetensors", half_write)
+    monkeypatch.setattr(fot.convert, "write_safetensors", half_write)
     with pytest.raises(OSError, match="disk full"):
         fot.convert.export_hf(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
