@@ -1,6 +1,6 @@
 """Training step: achieved model FLOP/s over this process's large-matmul FLOP/s (issue 6).
 
-    python -m bench.bench_train [--models tiny 100m] [--steps 5]
+    python -m bench.bench_train [--models tiny tiny-nocb 100m] [--steps 5]
 
 For each model: the real train step (fot.train.StepPlan: forward with crossbatch memory layers,
 backward, clipped AdamW update) on every device of this process, compiled once, fed a fixed
@@ -9,7 +9,8 @@ step, then `--steps` timed steps, each until its new state is ready. Achieved FL
 per step (fot.flops.train_flops_per_token x tokens; masked attention scores, the optimizer and
 elementwise work are not counted) / median step time; the ratio divides it by
 fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
-right before. Models: configs/tiny.yaml as it is; configs/100m.yaml with one pack of 4 windows of
+right before. Models: configs/tiny.yaml as it is, and without crossbatch (the difference is
+crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of
 1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs).
 """
 
@@ -30,6 +31,9 @@ from fot.train import StepPlan
 
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
+    # the same step without crossbatch (rows read no other rows): tiny's time over this one is
+    # what crossbatch costs
+    "tiny-nocb": ("configs/tiny.yaml", ["train.cross_batch_range=0"]),
     "100m": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
                                    "retrieval.dtype=float32"]),
 }
@@ -96,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | parameters | tokens/step | model GFLOP/step | compile s | median step s | "
           "achieved GFLOP/s | matmul GFLOP/s | achieved / matmul |")
     print("|---|---|---|---|---|---|---|---|---|")
+    medians = {}
     for name in args.models:
         r = bench(name, args.steps)
+        medians[name] = r["median_s"]
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tokens']} | "
               f"{r['gflop_step']:.1f} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
               f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} |",
               flush=True)
+    if {"tiny", "tiny-nocb"} <= medians.keys():
+        print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

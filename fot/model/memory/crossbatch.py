@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
@@ -40,6 +41,9 @@ def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, step
     b = np.arange(batch_size)
     n = np.minimum((b % pack_size) * step + 1, r + 1) if stepping and pack_size > 1 else np.full_like(b, r + 1)
     return np.minimum(n, b + 1) - 1
+
+
+row_partial = jax.checkpoint(partials.dense_partial)
 
 
 def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepping: bool):
@@ -63,9 +67,18 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
         # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
         pk, pv = checkpoint_name(sharding.previous_rows((k, v_new), r), MEMORY_FETCH)
-        pk = pk.reshape(b, r * t, *pk.shape[3:])
-        pv = pv.reshape(b, r * t, *pv.shape[3:])
-        part = partials.dense_partial(q, pk, pv, visible[:, :, None, None, :])
+        # The previous rows one at a time (a scan, each row's scores recomputed in the backward
+        # pass), merged into one partial that attend joins with the local window in one softmax:
+        # the layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries.
+        vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
+
+        def add_row(acc, row):
+            k_row, v_row, vis_row = row
+            return partials.merge(acc, row_partial(q, k_row, v_row, vis_row)), None
+
+        empty = partials.Partial(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], partials.NEG_INF),
+                                 jnp.zeros(q.shape[:3], jnp.float32))
+        part, _ = jax.lax.scan(add_row, empty, (jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis))
         return [part], gate_of(module, slot)
 
     return fn
