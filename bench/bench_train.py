@@ -11,13 +11,16 @@ elementwise work are not counted) / median step time; the ratio divides it by
 fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
 right before. Models: configs/tiny.yaml as it is, and without crossbatch (the difference is
 crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of
-1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs).
+1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs),
+without and with full remat. Peak RSS is the process's so far (ru_maxrss): run one model per
+process to read a model's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -36,6 +39,9 @@ MODELS = {
     "tiny-nocb": ("configs/tiny.yaml", ["train.cross_batch_range=0"]),
     "100m": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
                                    "retrieval.dtype=float32"]),
+    # the same step under full remat: the memory budget's case (docs/scaling.md)
+    "100m-remat": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
+                                         "retrieval.dtype=float32", "model.remat_policy=full"]),
 }
 
 
@@ -86,7 +92,8 @@ def bench(name: str, steps: int) -> dict:
     return {"model": name, "params": step.plan.param_count(), "tokens": b * t,
             "gflop_step": model_flops / 1e9, "compile_s": step.compile_s, "median_s": median,
             "achieved": model_flops / median, "matmul": matmul,
-            "ratio": model_flops / median / matmul, "loss": float(step.metrics["loss"])}
+            "ratio": model_flops / median / matmul, "loss": float(step.metrics["loss"]),
+            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__}, {len(devices)} {devices[0].device_kind} device(s), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
     print("| model | parameters | tokens/step | model GFLOP/step | compile s | median step s | "
-          "achieved GFLOP/s | matmul GFLOP/s | achieved / matmul |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "achieved GFLOP/s | matmul GFLOP/s | achieved / matmul | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     medians = {}
     for name in args.models:
         r = bench(name, args.steps)
         medians[name] = r["median_s"]
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tokens']} | "
               f"{r['gflop_step']:.1f} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
-              f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} |",
+              f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} | {r['rss_gib']:.2f} |",
               flush=True)
     if {"tiny", "tiny-nocb"} <= medians.keys():
         print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%}")

@@ -247,11 +247,9 @@ class Llama(nnx.Module):
                 mem_fn = None if memory is None else (lambda q, k, v, s=slot: memory(s, q, k, v))
                 layer = lambda ls, h, lp, fn=mem_fn: run_one(ls, h, lp, self.mem.positionals, fn)
                 if policy is not None:  # the memory layers are rematerialised like the others
-                    # prevent_cse: outside a scan XLA would otherwise merge the recomputation with
-                    # the forward pass and keep every activation (9.4 -> ? GiB, the 110M step).
                     keep = jax.checkpoint_policies.save_only_these_names(MEMORY_FETCH)
                     layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_from_both_policies(
-                        policy, keep))
+                        policy, keep), prevent_cse=False)
                 x, kv = layer(one, x, p)
                 kvs.append(jax.tree.map(lambda a: a[None], kv))
                 continue
