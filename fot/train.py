@@ -82,7 +82,7 @@ from fot.data.tokenizer import load_tokenizer
 from fot.metrics import last_loss
 from fot.model.memory.crossbatch import crossbatch_memory
 from fot.model import lora
-from fot.model.llama import Llama
+from fot.model.llama import Llama, abstract_model
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
 from fot.trainer import Hook, Log, StopOnNonFinite, StopOnSignal, Trainer, TrainError
@@ -190,7 +190,7 @@ class StepPlan:
             "train.batch_size" if self.accum == 1 else
             f"the micro-batch (train.batch_size={tr.batch_size} / train.grad_accum={self.accum})")
         self._model_fn = lambda: Llama(cfg.model, cfg.memory, rngs=nnx.Rngs(tr.seed))
-        self.graphdef, _, self.rest = nnx.split(nnx.eval_shape(self._model_fn), nnx.Param, ...)
+        self.graphdef, _, self.rest = nnx.split(abstract_model(cfg.model, cfg.memory), nnx.Param, ...)
         params = sharding.abstract_state(lambda: nnx.state(self._model_fn(), nnx.Param), mesh).to_pure_dict()
         param_sh = jax.tree.map(lambda a: a.sharding, params)
         self.trainable = lambda path: lora.is_trainable(cfg.model.lora, path)
