@@ -12,7 +12,7 @@ fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in 
 right before. Models: configs/tiny.yaml as it is, and without crossbatch (the difference is
 crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of
 1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs),
-without and with full remat. Peak RSS is the process's so far (ru_maxrss): run one model per
+without and with full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one model per
 process to read a model's own.
 """
 
@@ -42,6 +42,10 @@ MODELS = {
     # the same step under full remat: the memory budget's case (docs/scaling.md)
     "100m-remat": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
                                          "retrieval.dtype=float32", "model.remat_policy=full"]),
+    # and with blockwise local attention (no [T, T] scores outside a block)
+    "100m-remat-blockwise": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
+                                                   "retrieval.dtype=float32", "model.remat_policy=full",
+                                                   "model.attention=blockwise"]),
 }
 
 
