@@ -66,7 +66,11 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         k = as_if_first(module, ctx, k_new)
         # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
         # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
-        pk, pv = checkpoint_name(sharding.previous_rows((k, v_new), r), MEMORY_FETCH)
+        # Every query reads whole rows: with mesh.sequence > 1 they are all-gathered here, once
+        # (the row scan below would otherwise gather each row again when it is recomputed).
+        whole = [sharding.constrain(a, ("batch", None, None, "act_kv_heads", "head_dim"))
+                 for a in sharding.previous_rows((k, v_new), r)]
+        pk, pv = checkpoint_name(whole, MEMORY_FETCH)
         # The previous rows one at a time (a scan, each row's scores recomputed in the backward
         # pass), merged into one partial that attend joins with the local window in one softmax:
         # the layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries.
