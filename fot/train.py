@@ -162,14 +162,18 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, tra
         loss = s / n
         grads = jax.tree.map(lambda g: g / n, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, train_params)
-        new_params = lora.join(optax.apply_updates(train_params, updates), frozen)
         # A non-finite loss halts the run on device: this and every later step leave the state
-        # as it was, so what the host saves when it notices is the last good state.
+        # as it was, so what the host saves when it notices is the last good state. A cond, not
+        # a select of new and old: the update then runs in place in the donated buffers (a select
+        # kept a copy of the old state alive through the step: 0.45 GiB of the 110M step).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state["halted"]
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, opt_state),
-                     "halted": ~ok}
+
+        def update(old):
+            updates, new_opt = tx.update(grads, old[1], train_params)
+            return lora.join(optax.apply_updates(train_params, updates), frozen), new_opt
+
+        new_params, new_opt = jax.lax.cond(ok, update, lambda old: old, (params, opt_state))
+        new_state = {"params": new_params, "opt_state": new_opt, "halted": ~ok}
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 
     return step
