@@ -1,6 +1,6 @@
 """Training step: achieved model FLOP/s over this process's large-matmul FLOP/s (issue 6).
 
-    python -m bench.bench_train [--models tiny tiny-nocb 100m] [--steps 5]
+    python -m bench.bench_train [--models tiny tiny-nocb 100m 100m-remat ...] [--steps 5]
 
 For each model: the real train step (fot.train.StepPlan: forward with crossbatch memory layers,
 backward, clipped AdamW update) on every device of this process, compiled once, fed a fixed
@@ -10,10 +10,10 @@ per step (fot.flops.train_flops_per_token x tokens; masked attention scores, the
 elementwise work are not counted) / median step time; the ratio divides it by
 fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
 right before. Models: configs/tiny.yaml as it is, and without crossbatch (the difference is
-crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of
-1024 tokens per step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs),
-without and with full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one model per
-process to read a model's own.
+crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of 1024 tokens per
+step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs), without and with
+full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one
+model per process to read a model's own.
 """
 
 from __future__ import annotations
@@ -32,20 +32,18 @@ from fot import flops, sharding
 from fot.config import MeshConfig, load_config
 from fot.train import StepPlan
 
+# The ~110M step as a CPU runs it: one pack of 4 x 1024 tokens, float32
+M100 = ["train.batch_size=4", "model.dtype=float32", "retrieval.dtype=float32"]
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
     # the same step without crossbatch (rows read no other rows): tiny's time over this one is
     # what crossbatch costs
     "tiny-nocb": ("configs/tiny.yaml", ["train.cross_batch_range=0"]),
-    "100m": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
-                                   "retrieval.dtype=float32"]),
-    # the same step under full remat: the memory budget's case (docs/scaling.md)
-    "100m-remat": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
-                                         "retrieval.dtype=float32", "model.remat_policy=full"]),
-    # and with blockwise local attention (no [T, T] scores outside a block)
-    "100m-remat-blockwise": ("configs/100m.yaml", ["train.batch_size=4", "model.dtype=float32",
-                                                   "retrieval.dtype=float32", "model.remat_policy=full",
-                                                   "model.attention=blockwise"]),
+    "100m": ("configs/100m.yaml", M100),
+    # under full remat: the memory budget's case (docs/scaling.md); and with blockwise local
+    # attention (no [T, T] scores outside a block)
+    "100m-remat": ("configs/100m.yaml", M100 + ["model.remat_policy=full"]),
+    "100m-remat-blockwise": ("configs/100m.yaml", M100 + ["model.remat_policy=full", "model.attention=blockwise"]),
 }
 
 

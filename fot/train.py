@@ -168,11 +168,11 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, tra
         # kept a copy of the old state alive through the step: 0.45 GiB of the 110M step).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state["halted"]
 
-        def update(old):
-            updates, new_opt = tx.update(grads, old[1], train_params)
+        def updated():
+            updates, new_opt = tx.update(grads, opt_state, train_params)
             return lora.join(optax.apply_updates(train_params, updates), frozen), new_opt
 
-        new_params, new_opt = jax.lax.cond(ok, update, lambda old: old, (params, opt_state))
+        new_params, new_opt = jax.lax.cond(ok, updated, lambda: (params, opt_state))
         new_state = {"params": new_params, "opt_state": new_opt, "halted": ~ok}
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 

@@ -363,19 +363,20 @@ def reconfigure(model, *, rope_scaling: Any = _KEEP, retrieval: str | None = Non
     (config validated: a bad scaling dict or mode raises ConfigError naming the key)."""
     from flax import nnx
 
+    from fot.config import RetrievalConfig, build
     from fot.model.llama import abstract_model
 
     cfg = model.config
+    where = "evaluation override (rope scaling / retrieval)"
     changes = {}
     if rope_scaling is not _KEEP:
         changes["model"] = dataclasses.replace(cfg.model, rope_scaling=rope_scaling)
-    if retrieval is not None:
-        if retrieval not in ("dense", "knn", "ivf"):
-            raise ValueError(f"retrieval {retrieval!r} is not one of dense, knn, ivf")
-        changes["retrieval"] = dataclasses.replace(cfg.retrieval, mode=retrieval)
+    if retrieval is not None:  # built as the config file's section is: the mode's type is checked
+        changes["retrieval"] = build(RetrievalConfig, {**dataclasses.asdict(cfg.retrieval), "mode": retrieval},
+                                     where, "retrieval")
     if not changes:
         return model
-    cfg = dataclasses.replace(cfg, **changes).validate("evaluation override (rope scaling / retrieval)")
+    cfg = dataclasses.replace(cfg, **changes).validate(where)
     if "model" not in changes:  # retrieval is read by the Session: the module stays as it is
         return dataclasses.replace(model, config=cfg)
     graphdef, _ = nnx.split(abstract_model(cfg.model, cfg.memory))

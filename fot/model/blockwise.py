@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fot.model.partials import NEG_INF, Partial, group_queries
+from fot.model.partials import NEG_INF, Partial, empty, group_queries
 
 
 def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
@@ -73,16 +73,14 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
             c_old = jnp.exp(m - m_new)
             l_new = l * c_old + jnp.sum(p, axis=-1)
             o_new = o * c_old[..., None] + jnp.einsum("btkgs,bskd->btkgd", p, vj)
-            return o_new, m_new, l_new
+            return Partial(o_new, m_new, l_new)
 
         return jax.lax.cond(jnp.any(mask), visit, lambda c: c, carry), None
 
     def query_block(xs):
         qi, qpi, qsi = xs
-        init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], NEG_INF, jnp.float32),
-                jnp.zeros(qi.shape[:-1], jnp.float32))
         step = jax.checkpoint(lambda c, x: key_step(c, x, qi, qpi, qsi), prevent_cse=False)
-        (o, m, l), _ = jax.lax.scan(step, init, (kb, vb, kpb, kvb, ksb))
+        (o, m, l), _ = jax.lax.scan(step, empty(qi.shape), (kb, vb, kpb, kvb, ksb))
         return o, m, l
 
     _, (o, m, l) = jax.lax.scan(

@@ -25,6 +25,12 @@ class Partial(NamedTuple):
     l: jax.Array  # [B, T, H] float32, sum_j exp(s_j - m)
 
 
+def empty(shape: tuple[int, ...]) -> Partial:
+    """The partial of no keys for queries of `shape` [..., D]: merging it changes nothing."""
+    return Partial(jnp.zeros(shape, jnp.float32), jnp.full(shape[:-1], NEG_INF, jnp.float32),
+                   jnp.zeros(shape[:-1], jnp.float32))
+
+
 def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     """[B, T, H, D] -> [B, T, K, G, D]."""
     b, t, h, d = q.shape

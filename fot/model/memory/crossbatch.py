@@ -80,9 +80,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
             k_row, v_row, vis_row = row
             return partials.merge(acc, row_partial(q, k_row, v_row, vis_row)), None
 
-        empty = partials.Partial(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], partials.NEG_INF),
-                                 jnp.zeros(q.shape[:3], jnp.float32))
-        part, _ = jax.lax.scan(add_row, empty, (jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis))
+        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis))
         return [part], gate_of(module, slot)
 
     return fn

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot.config import ModelConfig, RetrievalConfig
-from fot.model.partials import NEG_INF, Partial, group_queries, merge
+from fot.model.partials import NEG_INF, Partial, empty, group_queries, merge
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +237,7 @@ def dense(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array, co
         s, mask = _block_scores(qh, keys, valid, i, block)
         return merge(acc, _partial(s, mask, _block(values, i, block, 2), "bksd"))
 
-    init = Partial(jnp.zeros(qh.shape, jnp.float32), jnp.full(qh.shape[:3], NEG_INF, jnp.float32),
-                   jnp.zeros(qh.shape[:3], jnp.float32))
-    return _to_partial(jax.lax.fori_loop(0, (count + block - 1) // block, body, init), t)
+    return _to_partial(jax.lax.fori_loop(0, (count + block - 1) // block, body, empty(qh.shape)), t)
 
 
 def _topk_merge(best_s, best_i, s, idx, k):
