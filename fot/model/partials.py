@@ -42,23 +42,62 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
     Computed kv-head major ([B, K, G, T, S] scores, batch axes leading): XLA:CPU then runs each
     product as one batched GEMM instead of transposing around it (3x faster on the tiny model).
+    Its gradient is FlashAttention's backward in one dense pass (`_dense`): no [T, S] array is kept
+    for it, and `m` counts as a constant, which is exact for what `combine` normalises.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
     kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
     vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
-    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * d ** -0.5
-    if mask is not None:
-        mask = jnp.moveaxis(mask, 1, 3)  # [B, T, K|1, G|1, S] -> [B, K|1, G|1, T, S]
-        s = jnp.where(mask, s, NEG_INF)
-    m = jnp.max(s, axis=-1)
-    p = jnp.exp(s - m[..., None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)  # rows with nothing visible: zeros, not exp(0)
-    o = jnp.einsum("bkgts,bksd->bkgtd", p, vh)
+    mask = None if mask is None else jnp.moveaxis(mask, 1, 3)  # -> [B, K|1, G|1, T, S]
+    o, m, l = _dense(qh, kh, vh, mask)
     back = lambda a: jnp.moveaxis(a, 3, 1).reshape(b, t, h, *a.shape[4:])
-    return Partial(back(o), back(m), back(jnp.sum(p, axis=-1)))
+    return Partial(back(o), back(m), back(l))
+
+
+def _probs(qh, kh, mask):
+    """Scores [B, K, G, T, S] (masked to NEG_INF) and their row max."""
+    s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * qh.shape[-1] ** -0.5
+    if mask is not None:
+        s = jnp.where(mask, s, NEG_INF)
+    return s, jnp.max(s, axis=-1)
+
+
+def _exp(s, m, mask):
+    p = jnp.exp(s - m[..., None])
+    return p if mask is None else jnp.where(mask, p, 0.0)  # rows with nothing visible: zeros
+
+
+@jax.custom_vjp
+def _dense(qh, kh, vh, mask):
+    s, m = _probs(qh, kh, mask)
+    p = _exp(s, m, mask)
+    return jnp.einsum("bkgts,bksd->bkgtd", p, vh), m, jnp.sum(p, axis=-1)
+
+
+def _dense_fwd(qh, kh, vh, mask):
+    out = _dense(qh, kh, vh, mask)
+    return out, (qh, kh, vh, mask, out[1])
+
+
+def _dense_bwd(res, cts):
+    # p = exp(s - m): o = p v, l = sum p. With m held constant (a normalised consumer does not
+    # depend on it: its cotangent and m's effect on o and l cancel), ds = p * (do v^T + dl).
+    qh, kh, vh, mask, m = res
+    do, _, dl = cts
+    s, _ = _probs(qh, kh, mask)
+    p = _exp(s, m, mask)
+    ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do, vh) + dl[..., None]) * qh.shape[-1] ** -0.5
+    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kh)
+    # [T, S] on the right, contracted over its rows: XLA:CPU then transposes the small [T, D]
+    # operand and result, not the [T, S] one (which it copies at a fraction of memory speed)
+    dk = jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", qh, ds), 2, 3)
+    dv = jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", do, p), 2, 3)
+    return dq, dk, dv, None
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None = None,
