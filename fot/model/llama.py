@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from fot import sharding
 from fot.config import MemoryConfig, ModelConfig
@@ -22,10 +23,16 @@ from fot.model.lora import LoRAProjection
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The name of every projection's output (`_project`): the dot policies do not see products under a
+# custom VJP, so they keep these by name.
+PROJECTION = "projection"
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots,
+                                              _policies.save_only_these_names(PROJECTION)),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.checkpoint_dots_with_no_batch_dims,
+                                                       _policies.save_only_these_names(PROJECTION)),
 }
 
 
@@ -106,7 +113,7 @@ def _dot_general(x, kernel, dimension_numbers, precision=None, **kw):
     """nnx.Linear's product (x's last axis with the kernel's first) through `_project`."""
     if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision is not None or any(kw.values()):
         raise ValueError(f"a projection of {x.shape} by {kernel.shape} as {dimension_numbers}, {kw}")
-    return _project(x, kernel)
+    return checkpoint_name(_project(x, kernel), PROJECTION)
 
 
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, axes, rngs: nnx.Rngs, target: str | None = None):
