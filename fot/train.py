@@ -82,6 +82,7 @@ from fot.data.tokenizer import load_tokenizer
 from fot.metrics import last_loss
 from fot.model.memory.crossbatch import crossbatch_memory
 from fot.model import lora
+from fot.model.loss import linear_cross_entropy
 from fot.model.llama import Llama, abstract_model
 from fot.optim import make_optimizer, schedule
 from fot.sharding import ShardingError
@@ -100,12 +101,18 @@ def forward(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: in
             stepping: bool, doc_ids: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] of a crossbatch training batch (each row a window at positions 0..T-1).
     doc_ids [B, T] (train.document_mask): tokens see only their own document, and negatives."""
+    return module.head(hidden(module, ids, cross_batch_range, pack_size, stepping, doc_ids))
+
+
+def hidden(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: int,
+           stepping: bool, doc_ids: jax.Array | None = None) -> jax.Array:
+    """`forward` up to the final norm: the last layer's hidden states [B, T, E]."""
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = module.context(pos, pos, None, segments=doc_ids, training=True)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
     x, _ = module.run_layers(module.embed(ids), ctx, memory=mem and _scoped(mem, MEMORY_SCOPE))
-    return module.head(x)
+    return x
 
 
 def _scoped(fn, name: str):
@@ -134,11 +141,10 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, tra
     def loss_sum(train_params, frozen, batch, key):
         module = nnx.merge(graphdef, lora.join(train_params, frozen), rest)
         lora.set_dropout_keys(module, key)
-        logits = forward(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping,
-                         batch.get("doc_ids"))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        x = hidden(module, batch["inputs"], tr.cross_batch_range, tr.pack_size, tr.stepping,
+                   batch.get("doc_ids"))
         mask = batch["loss_mask"]
-        return jnp.sum(ce * mask), jnp.sum(mask)
+        return linear_cross_entropy(module.norm(x), module.head_weight(), batch["targets"], mask), jnp.sum(mask)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 

@@ -246,12 +246,15 @@ class Llama(nnx.Module):
         x = jnp.take(table, ids, axis=0).astype(DTYPES[self.cfg.dtype])
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    def head(self, x: jax.Array) -> jax.Array:
-        x = self.norm(x)
+    def head_weight(self) -> jax.Array:
+        """The head's [E, V] matrix in the compute dtype (the embedding's transpose when tied)."""
         if self.lm_head is None:
-            w = self.embed_tokens.embedding[...].astype(x.dtype)
-            return jnp.einsum("bte,ve->btv", x, w).astype(jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+            return self.embed_tokens.embedding[...].astype(DTYPES[self.cfg.dtype]).T
+        return self.lm_head.kernel[...].astype(DTYPES[self.cfg.dtype])
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Float32 logits of the final hidden states (rounded to the compute dtype first)."""
+        return _project(self.norm(x), self.head_weight()).astype(jnp.float32)
 
     def run_layers(self, x: jax.Array, ctx: LocalContext, past: KV | None = None,
                    memory: MemoryFn | None = None, collect_kv: bool = False
