@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test bench install clean
 
+# XLA:CPU allocates a step's temporaries afresh every step; with this glibc's malloc backs them with
+# transparent huge pages instead of faulting them in 4 KiB at a time (the tiny step 1.2-1.4x faster:
+# bench/bench_host_memory.py). Ignored where glibc is older than 2.35 or absent.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
