@@ -9,8 +9,9 @@ step, then `--steps` timed steps, each until its new state is ready. Achieved FL
 per step (fot.flops.train_flops_per_token x tokens; masked attention scores, the optimizer and
 elementwise work are not counted) / median step time; the ratio divides it by
 fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
-right before. Models: configs/tiny.yaml as it is, and without crossbatch (the difference is
-crossbatch's share of the step); configs/100m.yaml with one pack of 4 windows of 1024 tokens per
+right before. Models: configs/tiny.yaml as it is, and without crossbatch; with both, crossbatch's
+share of the step is measured again with the two steps alternating one by one in this process
+(3 x --steps each: one tiny step is ~0.1 s, and the shared machine's load drifts); configs/100m.yaml with one pack of 4 windows of 1024 tokens per
 step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs), without and with
 full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one
 model per process to read a model's own.
@@ -98,6 +99,22 @@ def bench(name: str, steps: int) -> dict:
             "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def crossbatch_pair(steps: int) -> tuple[float, float]:
+    """Median seconds of the tiny step with and without crossbatch, alternating in one process."""
+    pair = []
+    for name in ("tiny", "tiny-nocb"):
+        cfg = load_config(*MODELS[name])
+        pair.append(FotStep(cfg, random_ids(cfg)))
+    times = ([], [])
+    for i in range(steps + 1):
+        for step, out in zip(pair, times):
+            t0 = time.perf_counter()
+            step()
+            if i:  # the first round is the warm-up
+                out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -118,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} | {r['rss_gib']:.2f} |",
               flush=True)
     if {"tiny", "tiny-nocb"} <= medians.keys():
-        print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%}")
+        with_cb, without = crossbatch_pair(3 * args.steps)
+        print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%} "
+              f"(one after the other); {1 - without / with_cb:.1%} alternating step by step "
+              f"({with_cb:.3f} s with, {without:.3f} s without)")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
