@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed-dev
 .PHONY: demo test bench install clean
 
 # XLA:CPU allocates a step's temporaries afresh every step; with this glibc's malloc backs them with
-# transparent huge pages instead of faulting them in 4 KiB at a time (the tiny step 1.2-1.4x faster:
-# bench/bench_host_memory.py). Ignored where glibc is older than 2.35 or absent.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# transparent huge pages instead of faulting them in 4 KiB at a time (the tiny step 1.34x faster,
+# `python -m bench.bench_host_memory`). Not for `make bench`: beside torch in one process the kernel
+# compacts memory for those pages (BENCHMARKS.md). Ignored where glibc is older than 2.35 or absent.
+HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,13 +25,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m fot.demo
+	$(HUGE_PAGES) $(BIN)/python -m fot.demo
 
 # Two workers, tests of one module on one worker (module fixtures are built once): the suite is
 # mostly single-threaded XLA compiles, which tests/conftest.py caches on disk (2026-12-03, 2-core
 # CI-size machine, clean clone: 9 min 29 s with two workers; 13 min 33 s before the cache, busier host).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadscope
+	$(HUGE_PAGES) $(BIN)/python -m pytest -n 2 --dist loadscope
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

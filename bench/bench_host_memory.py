@@ -4,7 +4,7 @@
 
 XLA:CPU allocates a step's temporaries afresh on every execution; glibc maps blocks that large
 with mmap and unmaps them on free, so every step faults its temporaries' pages in again, 4 KiB at
-a time. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, what the Makefile sets) has malloc
+a time. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35; `make demo` and `make test` set it) has malloc
 ask for transparent huge pages (madvise), 2 MiB a fault. A process-wide setting read at start, so
 each measurement is a fresh process: rounds alternate the two, each process a warm-up of 3 steps
 then --steps timed steps (median step seconds, minor page faults per step, peak RSS). Models: a
