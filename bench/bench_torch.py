@@ -10,8 +10,12 @@ batch of uniform random tokens, next-token cross-entropy over every position, gr
 (bench_train.FotStep, every device of this process). torch: `transformers.LlamaForCausalLM` (sdpa
 attention) + `torch.optim.AdamW`, torch.set_num_threads(os.cpu_count()), OMP_WAIT_POLICY=PASSIVE
 unless set (on the shared 2-core machine OpenMP's default spin-waiting made torch's tiny step 10-20x
-slower under load: 0.18 s -> 2.4-3.8 s). One warm-up step each, then --steps timed steps alternating
-fot, torch, fot, ... (load on a shared machine falls on both), medians; torch / fot > 1: fot faster.
+slower under load: 0.18 s -> 2.4-3.8 s). One warm-up round, then --steps rounds of two fot steps
+then two torch steps (load on a shared machine falls on both), medians; torch / fot > 1: fot
+faster. The second step of each pair follows a step of its own framework, as in a training loop:
+the headline. The first follows the other framework's step, and it is reported too: XLA:CPU
+allocates a step's temporaries afresh, and after torch's step the kernel spends seconds handing
+that memory out again (docs/performance.md, item 4).
 """
 
 from __future__ import annotations
@@ -83,22 +87,25 @@ def bench(shape: str, steps: int) -> dict:
     cfg = fot_config(s)
     ids = random_ids(cfg)
     fot, torch_step = FotStep(cfg, ids), TorchStep(s, ids)
-    times = {"fot": [], "torch": []}
+    times = {(name, after): [] for name in ("fot", "torch") for after in ("own", "other")}
     for i in range(steps + 1):
         for name, step in (("fot", fot), ("torch", torch_step)):
-            t0 = time.perf_counter()
-            step()
-            if i:  # the first run of each is the warm-up
-                times[name].append(time.perf_counter() - t0)
-    f, t = statistics.median(times["fot"]), statistics.median(times["torch"])
-    return {"shape": shape, "heads": s["heads"], "inter": s["inter"], "fot_s": f, "torch_s": t,
-            "compile_s": fot.compile_s, "fot_loss": float(fot.metrics["loss"])}
+            for after in ("other", "own"):
+                t0 = time.perf_counter()
+                step()
+                if i:  # the first round is the warm-up
+                    times[name, after].append(time.perf_counter() - t0)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    return {"shape": shape, "heads": s["heads"], "inter": s["inter"], "fot_s": med["fot", "own"],
+            "torch_s": med["torch", "own"], "fot_other_s": med["fot", "other"],
+            "torch_other_s": med["torch", "other"], "compile_s": fot.compile_s,
+            "fot_loss": float(fot.metrics["loss"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--steps", type=int, default=3, help="timed steps of each per shape")
+    ap.add_argument("--steps", type=int, default=3, help="timed rounds per shape")
     args = ap.parse_args(argv)
     import jax
     import torch
@@ -108,15 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
           f"{os.environ['OMP_WAIT_POLICY']}), load average "
-          f"{os.getloadavg()[0]:.1f} at the start; medians of {args.steps} steps")
+          f"{os.getloadavg()[0]:.1f} at the start; medians of {args.steps} rounds")
     print("| shape (hidden / layers / vocab / tokens x rows) | heads | intermediate | fot compile s | "
-          "fot step s | torch step s | torch / fot |")
-    print("|---|---|---|---|---|---|---|")
+          "fot step s | torch step s | torch / fot | right after the other's step: fot s, torch s, "
+          "torch / fot |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         r = bench(shape, args.steps)
         print(f"| {r['shape'].replace('/', ' / ').replace('x', ' x ')} | {r['heads']} | {r['inter']} | "
               f"{r['compile_s']:.1f} | {r['fot_s']:.3f} | {r['torch_s']:.3f} | "
-              f"{r['torch_s'] / r['fot_s']:.2f} |", flush=True)
+              f"{r['torch_s'] / r['fot_s']:.2f} | {r['fot_other_s']:.3f}, {r['torch_other_s']:.3f}, "
+              f"{r['torch_other_s'] / r['fot_other_s']:.2f} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
