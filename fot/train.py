@@ -54,6 +54,7 @@ measured in this process on CPUs; the environment variable FOT_PEAK_FLOPS overri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -111,6 +112,8 @@ def hidden(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: int
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ctx = module.context(pos, pos, None, segments=doc_ids, training=True)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
+    if mem is not None and ctx.impl == "plain" and not module.mem.gate:
+        ctx = dataclasses.replace(ctx, local_in_memory=True)  # see crossbatch_memory
     x, _ = module.run_layers(module.embed(ids), ctx, memory=mem and _scoped(mem, MEMORY_SCOPE))
     return x
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fot.config import MemoryConfig, load_config
-from fot.model import attention
+from fot.model import attention, partials
 from fot.model.memory.crossbatch import crossbatch_memory, extra_contexts
 from fot.model.llama import init_model
 
@@ -50,7 +50,10 @@ def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af, docs=None):
     return out
 
 
-def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True, docs=None):
+def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True, docs=None,
+                   local_in_memory=False):
+    """local_in_memory: the crossbatch scan takes the local window too (what training does with
+    plain attention), instead of `attend` joining the two."""
     b, t = q.shape[:2]
     module = SimpleNamespace(mem=MemoryConfig(layers=(0,), positionals=positionals))
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -58,25 +61,31 @@ def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True
     ctx = SimpleNamespace(inv_freq=np.ones(q.shape[-1] // 2, np.float32), attention_factor=af,
                           q_pos=pos, segments=segments)
     fn = crossbatch_memory(module, ctx, r, pack, stepping)
+    if fn is not None and local_in_memory:
+        local = (k_rot, v, partials.causal_mask(pos, pos, None, segments, segments))
+        extra, _ = fn(0, q, k_unrot, v, local)
+        return partials.combine(extra, q.dtype)
     extra, _ = fn(0, q, k_unrot, v) if fn is not None else ([], None)
     return attention.attend(q, k_rot, v, pos, pos, extra=list(extra), q_seg=segments, k_seg=segments)
 
 
+@pytest.mark.parametrize("local_in_memory", [False, True])
 @pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6),
                                                    (1, 1, True, 3), (0, 4, True, 4), (5, 3, True, 9)])
-def test_matches_numpy_reference(r, pack, stepping, batch):
+def test_matches_numpy_reference(r, pack, stepping, batch, local_in_memory):
     rng = np.random.default_rng(0)
     t, h, d = 5, 2, 4
     q, k_rot, k_unrot, v = (rng.standard_normal((batch, t, h, d)).astype(np.float32) for _ in range(4))
     af = 1.3
     got = run_crossbatch(jnp.asarray(q), jnp.asarray(k_rot), jnp.asarray(k_unrot), jnp.asarray(v),
-                         r, pack, stepping, af)
+                         r, pack, stepping, af, local_in_memory=local_in_memory)
     want = ref_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("local_in_memory", [False, True])
 @pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6)])
-def test_document_mask_matches_numpy_reference(r, pack, stepping, batch):
+def test_document_mask_matches_numpy_reference(r, pack, stepping, batch, local_in_memory):
     """Short documents packed several to a pack slot: each query reads its own document only, in
     its row and in the rows of its pack, plus the previous pack's rows (negatives)."""
     rng = np.random.default_rng(4)
@@ -86,7 +95,7 @@ def test_document_mask_matches_numpy_reference(r, pack, stepping, batch):
     docs = np.concatenate([np.repeat(np.arange(50) + 100 * s, rng.integers(1, 6, 50))[:pack * t]
                            .reshape(pack, t) for s in range(batch // pack)])
     got = run_crossbatch(*(jnp.asarray(x) for x in (q, k_rot, k_unrot, v)), r, pack, stepping, 1.3,
-                         docs=docs)
+                         docs=docs, local_in_memory=local_in_memory)
     want = ref_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, 1.3, docs=docs)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
     # and it differs from the unmasked attention (the mask is not a no-op on this layout)
@@ -111,12 +120,13 @@ def test_positionals_false_uses_unrotated_keys():
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_flow_into_previous_rows_only():
+@pytest.mark.parametrize("local_in_memory", [False, True])
+def test_gradients_flow_into_previous_rows_only(local_in_memory):
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((8, 3, 2, 4)), jnp.float32) for _ in range(3))
 
     def out_row(k_in, v_in, row):
-        return run_crossbatch(q, k_in, k_in, v_in, 3, 4, True, 1.0)[row].sum()
+        return run_crossbatch(q, k_in, k_in, v_in, 3, 4, True, 1.0, local_in_memory=local_in_memory)[row].sum()
 
     gk, gv = jax.grad(out_row, argnums=(0, 1))(k, v, 6)  # row 6 reads rows 5, 4 (same pack), 3
     for other in (3, 4, 5):

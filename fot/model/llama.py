@@ -72,11 +72,16 @@ class LocalContext:
     block_size: int
     segments: jax.Array | None = None
     s2_group: int = 0  # impl "s2": LongLoRA's group size
+    # The memory source takes the local window into its own pass (crossbatch in training, plain
+    # attention, no gate): a memory layer then attends through the memory's partials alone.
+    local_in_memory: bool = False
 
 
-# A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values)
-#   -> (extra partials, optional gate logits [H]).
-MemoryFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[list[partials.Partial], jax.Array | None]]
+# A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values, and with
+# ctx.local_in_memory the local window as (rotated keys, values, causal mask), else None)
+#   -> (extra partials, which then include the local window, optional gate logits [H]).
+MemoryFn = Callable[[int, jax.Array, jax.Array, jax.Array, tuple | None],
+                    tuple[list[partials.Partial], jax.Array | None]]
 
 
 class RMSNorm(nnx.Module):
@@ -172,10 +177,16 @@ class Block(nnx.Module):
         if use_rope:
             q = rope.apply_rope(q, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.q_pos))
             k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.k_pos))
-        extra, gate = memory(q, k_new, v_new) if memory is not None else ((), None)
-        out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
-                               gate=gate, impl=ctx.impl, block_size=ctx.block_size,
-                               q_seg=ctx.segments, k_seg=ctx.segments, s2_group=ctx.s2_group)
+        local = None
+        if memory is not None and ctx.local_in_memory:
+            local = (k, v, partials.causal_mask(ctx.q_pos, ctx.k_pos, ctx.k_valid, ctx.segments, ctx.segments))
+        extra, gate = memory(q, k_new, v_new, local) if memory is not None else ((), None)
+        if local is not None:
+            out = partials.combine(list(extra), q.dtype)
+        else:
+            out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
+                                   gate=gate, impl=ctx.impl, block_size=ctx.block_size,
+                                   q_seg=ctx.segments, k_seg=ctx.segments, s2_group=ctx.s2_group)
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -277,7 +288,7 @@ class Llama(nnx.Module):
             if slot is not None:
                 one = jax.tree.map(lambda a: a[0], seg_state)
                 p = None if seg_past is None else jax.tree.map(lambda a: a[0], seg_past)
-                mem_fn = None if memory is None else (lambda q, k, v, s=slot: memory(s, q, k, v))
+                mem_fn = None if memory is None else (lambda q, k, v, loc, s=slot: memory(s, q, k, v, loc))
                 layer = lambda ls, h, lp, fn=mem_fn: run_one(ls, h, lp, self.mem.positionals, fn)
                 if policy is not None:  # the memory layers are rematerialised like the others
                     keep = jax.checkpoint_policies.save_only_these_names(MEMORY_FETCH)

@@ -62,7 +62,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         same_pack = jnp.asarray(np.repeat(same_pack, t, axis=1))[:, None, :]
         visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
 
-    def fn(slot, q, k_new, v_new):
+    def fn(slot, q, k_new, v_new, local=None):
         k = as_if_first(module, ctx, k_new)
         # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
         # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
@@ -73,14 +73,23 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         pk, pv = checkpoint_name(whole, MEMORY_FETCH)
         # The previous rows one at a time (a scan, each row's scores recomputed in the backward
         # pass), merged into one partial that attend joins with the local window in one softmax:
-        # the layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries.
+        # the layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Given
+        # the local window (ctx.local_in_memory), it is the scan's first source, so the backward
+        # pass holds one source's [T, T] buffers at a time (XLA:CPU otherwise kept the local
+        # attention's alive through the rows': 0.79 GiB of the ~110M step, docs/scaling.md).
+        ks, vs = jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0)
         vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
+        if local is not None:
+            k_loc, v_loc, mask = local
+            ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
+            vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
+            vis = jnp.concatenate([mask[None], jnp.broadcast_to(vis, (r, *mask.shape))])
 
         def add_row(acc, row):
             k_row, v_row, vis_row = row
             return partials.merge(acc, row_partial(q, k_row, v_row, vis_row)), None
 
-        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis))
+        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (ks, vs, vis))
         return [part], gate_of(module, slot)
 
     return fn

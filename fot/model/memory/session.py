@@ -19,7 +19,7 @@ def session_memory(module: Llama, retrieval: RetrievalConfig | None, mem: store.
     if retrieval is None:
         return None
 
-    def fn(slot, q, k_new, v_new):
+    def fn(slot, q, k_new, v_new, local=None):  # local: only crossbatch takes it
         return [store.retrieve(retrieval, q, mem, slot, index)], gate_of(module, slot)
 
     return fn
