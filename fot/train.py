@@ -54,6 +54,7 @@ measured in this process on CPUs; the environment variable FOT_PEAK_FLOPS overri
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -188,6 +189,16 @@ def make_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Config, tra
     return step
 
 
+def _release_freed_host_memory() -> None:
+    """Hand what initialisation and compilation freed back to the OS before the step allocates its
+    own temporaries: glibc keeps it in its heap (the ~110M step's peak RSS 4.62 -> 4.33 GiB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class StepPlan:
     """What the train step is on a mesh, with nothing allocated: the abstract state and batch
     (ShapeDtypeStructs carrying their shardings) and the jitted step with explicit in/out
@@ -252,7 +263,9 @@ class StepPlan:
 
     def compile(self):
         with jax.set_mesh(self.mesh):  # model code's constraints and the crossbatch halo see it
-            return self.step.lower(self.abstract, self.abstract_batch).compile()
+            compiled = self.step.lower(self.abstract, self.abstract_batch).compile()
+        _release_freed_host_memory()
+        return compiled
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The rows of this process's pack slots (`BatchStream(cfg, slots=self.slots)`, k rows per
