@@ -207,6 +207,9 @@ class RetrievalConfig:
     knn_k: int = 128  # knn and ivf: keys per query and head
     ivf_clusters: int = 64  # ivf: clusters per head ...
     ivf_probe: int = 8  # ... and inverted lists searched (a big cluster spans several lists of mean size)
+    # ivf's search: faiss (on the host, fot/model/memory/faiss_ivf.py) or JAX; auto = faiss when JAX
+    # runs on the CPU and faiss-cpu is installed (faster there: BENCHMARKS.md), JAX otherwise
+    ivf_library: Literal["auto", "jax", "faiss"] = "auto"
     dtype: DType = "bfloat16"  # storage dtype of memory keys/values
     capacity: int = 65536  # tokens per sequence per memory layer
     on_full: Literal["error", "drop_oldest"] = "error"

@@ -1,5 +1,7 @@
 """The memory buffers and retrieval functions against plain NumPy."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from flax import nnx
 
 from fot.api import FotModel
 from fot.config import ModelConfig, RetrievalConfig, config_from_dict
+from fot.model.memory import faiss_ivf
 from fot.model.memory import store as M
 from fot.model.partials import combine
 
@@ -144,14 +147,52 @@ def test_ivf_recall_and_full_probe_is_exact(loop):
             np.testing.assert_allclose(np.asarray(s)[:, 0], (q @ x.T).max(1), rtol=1e-5, atol=1e-4)
 
 
-def test_model_ivf_with_full_probe_equals_dense():
+@pytest.mark.parametrize("k", [5, 40])  # 40: more than the 32 valid keys, the rest come back missing
+def test_faiss_ivf_probing_every_list_is_exact_knn(k):
+    q, keys, values, valid = random_memory(count=33, seed=1)
+    cfg = RetrievalConfig(mode="ivf", knn_k=k, ivf_clusters=4, ivf_probe=4, dtype="float32", ivf_library="faiss")
+    s = M.MemoryState(*(jnp.asarray(a)[None] for a in (keys, values, valid)), jnp.int32(33))
+    index = faiss_ivf.build(keys[None, :, :, :33], valid[None, :, :33], 4, 4, M.IVF_ITERS, M.IVF_TRAIN_PER_CLUSTER)
+    part = jax.jit(lambda q, s: M.retrieve(cfg, q, s, 0, index))(jnp.asarray(q), s)
+    got = np.asarray(combine([part], jnp.float32))
+    assert np.abs(got - np_attend(q, keys, values, valid, 33, k)).max() <= 1e-5
+
+
+def test_faiss_ivf_recall_and_index_lifetime():
+    n, d, k, c = 4096, 16, 32, 32
+    x, centers = clustered(n, d, 64, seed=4)
+    q = centers[np.random.RandomState(5).randint(0, 64, 64)] + np.random.RandomState(6).randn(64, d)
+    index = faiss_ivf.build(x[None, None, None], np.ones((1, 1, n), bool), c, 8, M.IVF_ITERS,
+                            M.IVF_TRAIN_PER_CLUSTER)
+    _, i = faiss_ivf.search(index, jnp.asarray(q, jnp.float32)[None, None], 0, k)
+    want = exact_top(q, x, k)
+    assert np.mean([len(set(a) & set(b)) / k for a, b in zip(np.asarray(i)[0, 0], want)]) >= 0.9
+    handle = int(index.handle)
+    assert handle in faiss_ivf._LIVE
+    del index, i
+    gc.collect()
+    assert handle not in faiss_ivf._LIVE  # the host indexes go with the last object holding them
+
+
+def test_ivf_library_resolution(monkeypatch):
+    assert M.ivf_library(RetrievalConfig(mode="ivf")) == "faiss"  # CPU with faiss-cpu installed
+    assert M.ivf_library(RetrievalConfig(mode="ivf", ivf_library="jax")) == "jax"
+    monkeypatch.setattr(faiss_ivf, "available", lambda: False)
+    assert M.ivf_library(RetrievalConfig(mode="ivf")) == "jax"
+    with pytest.raises(ImportError, match="ivf_library=faiss needs faiss-cpu"):
+        M.ivf_library(RetrievalConfig(mode="ivf", ivf_library="faiss"))
+
+
+@pytest.mark.parametrize("library", ["jax", "faiss"])
+def test_model_ivf_with_full_probe_equals_dense(library):
     base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
     ret = dict(dtype="float32", last_context_length=8, capacity=512)
     dense = FotModel.random(config_from_dict({"model": base, "memory": dict(layers=[1]), "retrieval": ret}))
     ivf = FotModel(config_from_dict({"model": base, "memory": dict(layers=[1]), "retrieval": dict(
-        ret, mode="ivf", knn_k=512, ivf_clusters=4, ivf_probe=512)}), dense.module)
+        ret, mode="ivf", knn_k=512, ivf_clusters=4, ivf_probe=512, ivf_library=library)}), dense.module)
     ids = np.random.RandomState(7).randint(0, 64, (1, 20 * 16))
     s = ivf.build_memory(ids[:, :-1])
+    assert isinstance(s.memory.index, faiss_ivf.FaissIndex if library == "faiss" else M.IVFIndex)
     assert s.memory.index is not None and 0 < int(s.memory.index.indexed) <= s.memory.filled
     assert np.abs(np.asarray(ivf.logits_long(ids)) - np.asarray(dense.logits_long(ids))).max() <= 1e-5

@@ -34,9 +34,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fot.config import ModelConfig, RetrievalConfig
+from fot.model.memory import faiss_ivf
 from fot.model.partials import NEG_INF, Partial, empty, group_queries, merge
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,10 @@ class Memory(nnx.Module):
         self.valid = MemoryCache(jnp.zeros((m, batch, a), bool))
         self.count = MemoryCache(jnp.zeros((), jnp.int32))
         self.filled = 0
-        self.index: IVFIndex | None = nnx.data(None)  # derived from the keys; rebuilt, never saved
+        if cfg.mode == "ivf":
+            ivf_library(cfg)  # a missing faiss fails here, not at the first build
+        # derived from the keys; rebuilt, never saved
+        self.index: IVFIndex | faiss_ivf.FaissIndex | None = nnx.data(None)
 
     @property
     def state(self) -> MemoryState:
@@ -142,12 +147,29 @@ class Memory(nnx.Module):
         if self.filled < c * IVF_MIN_KEYS_PER_CLUSTER:
             return
         indexed = 0 if self.index is None else int(self.index.indexed)
-        if self.index is None or self.filled - indexed > indexed // IVF_REBUILD_FRACTION:
+        if self.index is not None and self.filled - indexed <= indexed // IVF_REBUILD_FRACTION:
+            return
+        if ivf_library(self.cfg) == "faiss":
+            n, s = self.filled, self.state
+            self.index = faiss_ivf.build(np.asarray(decode(s.keys[:, :, :, :n]), np.float32),
+                                         np.asarray(s.valid[:, :, :n]), c, self.cfg.ivf_probe, IVF_ITERS,
+                                         IVF_TRAIN_PER_CLUSTER, seed)
+        else:
             self.index = build_ivf_state(self.state, self.filled, c, list_size(self.capacity, c), seed)
 
     def memory_bytes_per_token(self) -> int:
         m, _, k, _, d = self.keys.get_value().shape
         return 2 * m * k * d * self.keys.get_value().dtype.itemsize + m  # keys + values + validity byte
+
+
+def ivf_library(cfg: RetrievalConfig) -> str:
+    """The IVF search `retrieval.ivf_library` resolves to: "faiss" or "jax"."""
+    if cfg.ivf_library == "auto":
+        return "faiss" if jax.default_backend() == "cpu" and faiss_ivf.available() else "jax"
+    if cfg.ivf_library == "faiss" and not faiss_ivf.available():
+        raise ImportError("retrieval.ivf_library=faiss needs faiss-cpu: pip install faiss-cpu "
+                          "(or set retrieval.ivf_library=jax)")
+    return cfg.ivf_library
 
 
 @partial(jax.jit, static_argnums=1, donate_argnums=0)
@@ -421,25 +443,33 @@ def ivf_search(q: jax.Array, centroids: jax.Array, starts: jax.Array, sizes: jax
 
 
 def ivf(q: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array, count: jax.Array,
-        index: IVFIndex, k: int, probe: int, block: int) -> Partial:
-    """Approximate kNN attention for one memory layer (index arrays without the leading M axis):
-    the top-k keys that IVF finds among the indexed slots, plus every key written since the index
-    was built (the tail, at most 1/IVF_REBUILD_FRACTION of the indexed keys), in one softmax. The
-    tail is attended densely because an exact top-k over it costs XLA:CPU more than the GEMM."""
-    d = q.shape[-1]
+        found: tuple[jax.Array, jax.Array], indexed: jax.Array, block: int) -> Partial:
+    """Approximate kNN attention for one memory layer: the top-k keys an IVF search found among the
+    indexed slots (`found`: scores and slots [B, K, Q, k], from `ivf_search` or faiss), plus every key
+    written since the index was built (the tail, at most 1/IVF_REBUILD_FRACTION of the indexed keys),
+    in one softmax. The tail is attended densely because an exact top-k over it costs XLA:CPU more
+    than the GEMM."""
     qh = _heads_major(q, keys.shape[1])
-    cap = index.sorted_keys.shape[-2] - keys.shape[2]
-    top_s, top_i = ivf_search(qh * d ** -0.5, index.centroids, index.starts, index.sizes,
-                              index.sorted_keys, index.order, k=k, probe=probe, cap=cap)
-    found = _gathered_partial(top_s, top_i, values)
 
     def body(i, acc):
         s, mask = _block_scores(qh, keys, valid, i, block)
-        mask = mask & (i * block + jnp.arange(block) >= index.indexed)
+        mask = mask & (i * block + jnp.arange(block) >= indexed)
         return merge(acc, _partial(s, mask, _block(values, i, block, 2), "bksd"))
 
-    tail = jax.lax.fori_loop(index.indexed // block, (count + block - 1) // block, body, found)
+    tail = jax.lax.fori_loop(indexed // block, (count + block - 1) // block, body,
+                             _gathered_partial(*found, values))
     return _to_partial(tail, q.shape[1])
+
+
+def _ivf_found(cfg: RetrievalConfig, q: jax.Array, keys: jax.Array, slot: int, index) -> tuple[jax.Array, jax.Array]:
+    """Top-k (scaled scores, slots) [B, K, Q, k] of memory layer `slot`'s IVF index, JAX or faiss."""
+    qh = _heads_major(q, keys.shape[1]) * q.shape[-1] ** -0.5
+    if isinstance(index, faiss_ivf.FaissIndex):
+        return faiss_ivf.search(index, qh, slot, cfg.knn_k)
+    one = IVFIndex(*(a if f == "indexed" else a[slot] for f, a in zip(IVFIndex._fields, index)))
+    cap = one.sorted_keys.shape[-2] - keys.shape[2]
+    return ivf_search(qh, one.centroids, one.starts, one.sizes, one.sorted_keys, one.order, k=cfg.knn_k,
+                      probe=cfg.ivf_probe, cap=cap)
 
 
 def retrieve(cfg: RetrievalConfig, q: jax.Array, s: MemoryState, slot: int,
@@ -450,6 +480,6 @@ def retrieve(cfg: RetrievalConfig, q: jax.Array, s: MemoryState, slot: int,
     if cfg.mode == "dense":
         return dense(q, keys, values, valid, s.count, dense_block)
     if cfg.mode == "ivf" and index is not None:
-        one = IVFIndex(*(a if f == "indexed" else a[slot] for f, a in zip(IVFIndex._fields, index)))
-        return ivf(q, keys, values, valid, s.count, one, cfg.knn_k, cfg.ivf_probe, dense_block)
+        found = _ivf_found(cfg, q, keys, slot, index)
+        return ivf(q, keys, values, valid, s.count, found, index.indexed, dense_block)
     return knn(q, keys, values, valid, s.count, cfg.knn_k, topk_block)
