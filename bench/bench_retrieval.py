@@ -4,14 +4,16 @@
 
 Exact (fot.model.memory.store.exact_topk, blocked GEMM + lax.top_k) and fot's two IVF searches, both
 on keys stored bf16 as in the memory: JAX's (store.build_ivf + ivf_search) and faiss's
-(fot.model.memory.faiss_ivf, the CPU default: an IndexIVFFlat trained like the JAX one, searched
-from a jitted function), against faiss-cpu used directly in the same process: IndexFlatIP
-(exact, float32) and IndexIVFFlat with the same number of lists and probes as ours (float32,
-inner product, trained on every key), with recall@128 of each against the exact float32 answer.
+(fot.model.memory.faiss_ivf, the CPU default: bf16 lists trained like the JAX index, searched from a
+jitted function), against faiss-cpu used directly in the same process: IndexFlatIP on the float32
+keys (exact: the truth that every recall@128 is measured against) and IndexIVFFlat with the same
+number of lists and probes (inner product, trained on every key) on the keys the memory holds
+(the bf16 values, as float32).
 Data: `clustered` (default) = a Gaussian mixture with n/1024 centres (blobs larger than k),
 queries near random centres: the structure IVF relies on; `gaussian` = isotropic keys and queries
 (no structure: IVF's worst case).
-Each time is the best of 5 runs after a warm-up; the IVF index builds are timed apart.
+Each time is the best of 5 runs after a warm-up (the three IVF searches: of 9 rounds that run them
+one after the other); the IVF index builds are timed apart.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def best_of(f, runs: int = 5) -> float:
         f()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def interleaved(fns, rounds: int = 9) -> list[float]:
+    """Best time of each function over `rounds` rounds that call them one after the other: the
+    shared machine's load drifts, so the searches compared share it."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, out in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return [min(t) for t in times]
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -92,25 +108,25 @@ def main(argv=None) -> int:
         t_build = time.perf_counter() - t0  # includes compilation
         search = jax.jit(lambda q: M.ivf_search(q, cent, starts, sizes, sk, so, K, probe, cap))
         qd = jnp.asarray(queries)
-        t_ivf = best_of(lambda: jax.block_until_ready(search(qd)))
         ivf_ids = np.asarray(search(qd)[1])
+        kf = np.asarray(kd[0, 0], np.float32)  # the keys the memory holds; faiss searches the same
         t0 = time.perf_counter()
         fivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, clusters, faiss.METRIC_INNER_PRODUCT)
-        fivf.train(keys)
-        fivf.add(keys)
+        fivf.train(kf)
+        fivf.add(kf)
         fivf.nprobe = probe
         t_fbuild = time.perf_counter() - t0
-        t_fivf = best_of(lambda: fivf.search(queries, K))
-        # fot's faiss search (retrieval.ivf_library=faiss, the CPU default): built from the stored
-        # bf16 keys, called from a jitted function through jax.pure_callback
+        # fot's faiss search (retrieval.ivf_library=faiss, the CPU default), called from a jitted
+        # function through jax.pure_callback
         t0 = time.perf_counter()
-        kf = np.asarray(kd, np.float32)
-        fx = faiss_ivf.build(kf[None], np.ones((1, 1, n), bool), clusters, probe, M.IVF_ITERS, M.IVF_TRAIN_PER_CLUSTER)
+        fx = faiss_ivf.build(kf[None, None, None], np.ones((1, 1, n), bool), clusters, probe, M.IVF_ITERS,
+                             M.IVF_TRAIN_PER_CLUSTER, "bfloat16")
         t_xbuild = time.perf_counter() - t0
         fsearch = jax.jit(lambda q: faiss_ivf.search(fx, q, 0, K))
-        qx = qh.astype(jnp.float32)
-        t_x = best_of(lambda: jax.block_until_ready(fsearch(qx)))
-        x_ids = np.asarray(fsearch(qx)[1])[0, 0]
+        x_ids = np.asarray(fsearch(qh)[1])[0, 0]
+        t_fivf, t_x, t_ivf = interleaved([lambda: fivf.search(queries, K),
+                                          lambda: jax.block_until_ready(fsearch(qh)),
+                                          lambda: jax.block_until_ready(search(qd))])
         print(f"| {n} | {1e3 * t_faiss:.1f} | {1e3 * t_exact:.1f} | {1e3 * t_fivf:.1f} | {1e3 * t_x:.1f} | "
               f"{t_fivf / t_x:.2f}x | {1e3 * t_ivf:.1f} | {t_fivf / t_ivf:.2f}x | "
               f"{recall(fivf.search(queries, K)[1], truth):.3f} | {recall(x_ids, truth):.3f} | "

@@ -147,12 +147,16 @@ def test_ivf_recall_and_full_probe_is_exact(loop):
             np.testing.assert_allclose(np.asarray(s)[:, 0], (q @ x.T).max(1), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("k", [5, 40])  # 40: more than the 32 valid keys, the rest come back missing
-def test_faiss_ivf_probing_every_list_is_exact_knn(k):
+@pytest.mark.parametrize("k,dtype", [(5, "float32"), (40, "float32"), (5, "bfloat16"), (5, "float16")])
+def test_faiss_ivf_probing_every_list_is_exact_knn(k, dtype):  # k=40: more than the 32 valid keys
     q, keys, values, valid = random_memory(count=33, seed=1)
-    cfg = RetrievalConfig(mode="ivf", knn_k=k, ivf_clusters=4, ivf_probe=4, dtype="float32", ivf_library="faiss")
-    s = M.MemoryState(*(jnp.asarray(a)[None] for a in (keys, values, valid)), jnp.int32(33))
-    index = faiss_ivf.build(keys[None, :, :, :33], valid[None, :, :33], 4, 4, M.IVF_ITERS, M.IVF_TRAIN_PER_CLUSTER)
+    keys, values = (np.asarray(jnp.asarray(a, dtype), np.float32) for a in (keys, values))  # what it stores
+    cfg = RetrievalConfig(mode="ivf", knn_k=k, ivf_clusters=4, ivf_probe=4, dtype=dtype, ivf_library="faiss")
+    stored = M.BITS.get(jnp.dtype(dtype), jnp.dtype(dtype))
+    s = M.MemoryState(*(M.encode(jnp.asarray(a), stored)[None] for a in (keys, values)), jnp.asarray(valid)[None],
+                      jnp.int32(33))
+    index = faiss_ivf.build(keys[None, :, :, :33], valid[None, :, :33], 4, 4, M.IVF_ITERS, M.IVF_TRAIN_PER_CLUSTER,
+                            dtype)
     part = jax.jit(lambda q, s: M.retrieve(cfg, q, s, 0, index))(jnp.asarray(q), s)
     got = np.asarray(combine([part], jnp.float32))
     assert np.abs(got - np_attend(q, keys, values, valid, 33, k)).max() <= 1e-5

@@ -57,9 +57,23 @@ class FaissIndex:
         return cls(*children)
 
 
+def _ivf(faiss, d: int, clusters: int, dtype: str):
+    """An empty IVF index that stores keys as the memory does: a 16-bit memory's keys in 16 bits,
+    exactly (a scalar quantizer of the keys themselves, not of their residuals): the same recall as
+    float32 lists at half the bytes scanned (~10% faster at 262k keys, BENCHMARKS.md)."""
+    quantizer = faiss.IndexFlatIP(d)
+    if dtype == "float32":
+        return faiss.IndexIVFFlat(quantizer, d, clusters, faiss.METRIC_INNER_PRODUCT)
+    qt = {"bfloat16": faiss.ScalarQuantizer.QT_bf16, "float16": faiss.ScalarQuantizer.QT_fp16}[dtype]
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, clusters, qt, faiss.METRIC_INNER_PRODUCT)
+    index.by_residual = False
+    return index
+
+
 def build(keys: np.ndarray, valid: np.ndarray, clusters: int, probe: int, iters: int, train_per_cluster: int,
-          seed: int = 0) -> FaissIndex:
-    """Index the valid slots of keys [M, B, K, n, D] (float32; valid [M, B, n]) by their slot number."""
+          dtype: str = "float32", seed: int = 0) -> FaissIndex:
+    """Index the valid slots of keys [M, B, K, n, D] (float32 values of a `dtype` memory; valid
+    [M, B, n]) by their slot number."""
     import faiss
 
     m, b, kh, n, d = keys.shape
@@ -72,7 +86,7 @@ def build(keys: np.ndarray, valid: np.ndarray, clusters: int, probe: int, iters:
             heads = []
             for head in range(kh):
                 x = np.ascontiguousarray(keys[layer, row, head][ok])
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, clusters, faiss.METRIC_INNER_PRODUCT)
+                index = _ivf(faiss, d, clusters, dtype)
                 index.cp.niter, index.cp.seed = iters, seed
                 index.cp.max_points_per_centroid = train_per_cluster
                 index.cp.min_points_per_centroid = 1  # sparse rows: no warning, k-means copes

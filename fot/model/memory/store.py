@@ -153,7 +153,7 @@ class Memory(nnx.Module):
             n, s = self.filled, self.state
             self.index = faiss_ivf.build(np.asarray(decode(s.keys[:, :, :, :n]), np.float32),
                                          np.asarray(s.valid[:, :, :n]), c, self.cfg.ivf_probe, IVF_ITERS,
-                                         IVF_TRAIN_PER_CLUSTER, seed)
+                                         IVF_TRAIN_PER_CLUSTER, self.cfg.dtype, seed)
         else:
             self.index = build_ivf_state(self.state, self.filled, c, list_size(self.capacity, c), seed)
 
