@@ -2,6 +2,9 @@
 
     python -m bench.bench_memory [--sizes 16384,65536,262144] [--modes dense,knn,ivf] [--full]
 
+Modes: dense, knn, ivf (retrieval.ivf_library=auto: faiss on the CPU when installed), ivf-jax and
+ivf-faiss (that library).
+
 Model: hidden 256, 4 layers, 4 heads (head_dim 64), intermediate 688, vocab 32000, window 256, one
 memory layer (layer 2), last_context_length 128; scoring = next-token log-probs of every token
 (`fot.inference.logprobs_long`), batch 1. Memory float32 (FOT_BENCH_MEM_DTYPE=bfloat16 for the
@@ -32,13 +35,15 @@ def config(n: int, mode: str):
     from fot.config import config_from_dict
 
     clusters, probe = IVF.get(n, (128, 8))
+    mode, _, library = mode.partition("-")  # ivf-jax / ivf-faiss: retrieval.ivf_library
     return config_from_dict({
         "model": dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                       max_position_embeddings=WINDOW),
         "memory": dict(layers=[MEM_LAYER]),
         "retrieval": dict(mode=mode, last_context_length=LCL, capacity=n, knn_k=KNN_K,
-                          ivf_clusters=clusters, ivf_probe=probe, dtype=MEM_DTYPE)})
+                          ivf_clusters=clusters, ivf_probe=probe, ivf_library=library or "auto",
+                          dtype=MEM_DTYPE)})
 
 
 def model_flops(cfg, n: int, mode: str) -> float:
