@@ -56,17 +56,21 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return Partial(back(o), back(m), back(l))
 
 
+# The masked-out fills below are computed from the scores (min(s, NEG_INF) is NEG_INF and p * 0 is
+# 0 for any finite s and p), not written as constants: constant fills ended up outside the layer
+# scans as two score-sized broadcasts that lived through the backward pass (0.36 GiB of the ~110M
+# step's plan; not XLA's loop-invariant code motion, whose pass off changed nothing; docs/scaling.md).
 def _probs(qh, kh, mask):
     """Scores [B, K, G, T, S] (masked to NEG_INF) and their row max."""
     s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * qh.shape[-1] ** -0.5
     if mask is not None:
-        s = jnp.where(mask, s, NEG_INF)
+        s = jnp.where(mask, s, jnp.minimum(s, NEG_INF))
     return s, jnp.max(s, axis=-1)
 
 
 def _exp(s, m, mask):
     p = jnp.exp(s - m[..., None])
-    return p if mask is None else jnp.where(mask, p, 0.0)  # rows with nothing visible: zeros
+    return p if mask is None else jnp.where(mask, p, p * 0.0)  # rows with nothing visible: zeros
 
 
 @jax.custom_vjp
