@@ -493,7 +493,9 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False,
     t0 = time.perf_counter()
     step = trainer.run()
     elapsed = time.perf_counter() - t0
-    summary = {"start_step": start, "steps": tr.steps, "final_step": step, "final_loss": trainer.last_loss,
+    # a run resumed at its last step trains nothing: its final loss is the one it logged
+    final_loss = trainer.last_loss if step > start else last_loss(run_dir, step)
+    summary = {"start_step": start, "steps": tr.steps, "final_step": step, "final_loss": final_loss,
                "seconds": elapsed, "checkpoint": str(run_dir / "checkpoints" / str(step))}
     if signals.signal is not None:
         name = signal.Signals(signals.signal).name
@@ -503,7 +505,7 @@ def train(cfg: Config, progress: bool = True, accept_changes: bool = False,
     save_final_model(cfg, trainer.state["params"], stream.tokenizer, run_dir / "final")
     n = step - start
     say(f"done: steps {start}->{step} in {elapsed:.1f}s ({n * trainer.tokens / max(elapsed, 1e-9):.0f} "
-        f"tokens/s), final loss {trainer.last_loss:.4f}, model FLOPs/token {fpt:.3g}, peak "
+        f"tokens/s), final loss {final_loss:.4f}, model FLOPs/token {fpt:.3g}, peak "
         f"{peak:.3g} FLOP/s x {n_peak} ({peak_src}); model saved in {run_dir / 'final'}")
     return summary
 

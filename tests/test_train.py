@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,15 @@ def test_resume_after_sigkill_gives_the_same_losses(full_run, tmp_path, capsys):
     assert [m["step"] for m in logged] == list(range(1, FULL + 1))
     for m in logged:
         assert m["loss"] == want[m["step"]], (m["step"], m["loss"], want[m["step"]])
+
+
+def test_a_finished_run_started_again_reports_its_logged_final_loss(full_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    capsys.readouterr()
+    assert main([str(write_config(tmp_path)), f"train.run_dir={run}", f"train.steps={FULL}", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"steps {FULL}->{FULL}" in out and f"final loss {losses(full_run)[FULL]:.4f}," in out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
