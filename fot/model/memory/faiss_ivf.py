@@ -1,5 +1,5 @@
-"""IVF retrieval on the CPU through faiss (`retrieval.ivf_library`): one `faiss.IndexIVFFlat` per
-memory layer, row and kv head, searched from inside the jitted steps by `jax.pure_callback`.
+"""IVF retrieval on the CPU through faiss (`retrieval.ivf_library`): one faiss IVF index per memory
+layer, row and kv head (`_ivf`), searched from inside the jitted steps by `jax.pure_callback`.
 
 XLA:CPU reads each probed list with its own slice in a loop and runs a slow `top_k` (~12 ms and
 ~8 ms of the JAX search at 262k keys, BENCHMARKS.md); faiss scans the lists and keeps the top-k in

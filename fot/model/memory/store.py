@@ -151,8 +151,9 @@ class Memory(nnx.Module):
             return
         if ivf_library(self.cfg) == "faiss":
             n, s = self.filled, self.state
-            self.index = faiss_ivf.build(np.asarray(decode(s.keys[:, :, :, :n]), np.float32),
-                                         np.asarray(s.valid[:, :, :n]), c, self.cfg.ivf_probe, IVF_ITERS,
+            # whole buffers to the host, cut there: a device slice would compile for every fill
+            keys = np.asarray(decode(s.keys))[:, :, :, :n].astype(np.float32)
+            self.index = faiss_ivf.build(keys, np.asarray(s.valid)[:, :, :n], c, self.cfg.ivf_probe, IVF_ITERS,
                                          IVF_TRAIN_PER_CLUSTER, self.cfg.dtype, seed)
         else:
             self.index = build_ivf_state(self.state, self.filled, c, list_size(self.capacity, c), seed)
