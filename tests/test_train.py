@@ -264,3 +264,48 @@ def test_metrics_keep_steps_up_to(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
     keep_steps_up_to(tmp_path / "missing.jsonl", 2)  # nothing to do
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def _plan(tmp_path, **model):
+    import jax
+
+    from fot.train import StepPlan
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                             ("data", "fsdp", "tensor", "sequence"))
+    return StepPlan(load_config(write_config(tmp_path, model=model)), mesh)
+
+
+def test_a_step_under_remat_is_compiled_in_xla_cpus_memory_optimised_order(tmp_path):
+    """On a CPU, remat asks XLA for its memory-optimised schedule: the compiled step plans fewer
+    temporaries than XLA's default (concurrency-optimised) order of the same lowered step."""
+    import jax
+
+    plan = _plan(tmp_path, remat_policy="full")
+    with jax.set_mesh(plan.mesh):
+        default = plan.step.lower(plan.abstract, plan.abstract_batch).compile()
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert temp(plan.compile()) < temp(default)
+    assert _plan(tmp_path, remat_policy="none").compiler_options() == {}
+
+
+def test_a_compile_option_the_jaxlib_lacks_is_dropped_and_no_other_error_is():
+    import jax
+
+    from fot.train import compile_lowered
+
+    class Lowered:
+        def __init__(self, message):
+            self.message, self.calls = message, []
+
+        def compile(self, options=None):
+            self.calls.append(options)
+            if options:
+                raise jax.errors.JaxRuntimeError(self.message)
+            return "compiled"
+
+    old = Lowered("INVALID_ARGUMENT: No such compile option: 'xla_cpu_scheduler_type'")
+    assert compile_lowered(old, {"xla_cpu_scheduler_type": "X"}) == "compiled"
+    assert old.calls == [{"xla_cpu_scheduler_type": "X"}, None]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="not a valid"):
+        compile_lowered(Lowered("INVALID_ARGUMENT: 'X' is not a valid value"), {"xla_cpu_scheduler_type": "X"})
