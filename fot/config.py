@@ -121,7 +121,8 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype
     scan_layers: bool = True
     # jax.checkpoint policy name for each scanned layer: none (no remat), full (save nothing),
-    # dots (save matmul outputs), dots_no_batch (save matmuls without batch dims).
+    # dots (save matmul outputs), dots_no_batch (save matmuls without batch dims). On a CPU a train
+    # step under remat is also compiled in XLA's memory-optimised op order (fot.train.MEMORY_SCHEDULE).
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     # Attention kernel: auto picks blockwise above `blockwise_threshold` tokens, else plain; s2:
     # LongLoRA's shifted sparse attention in training steps (groups of s2_group_size tokens), auto
