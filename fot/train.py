@@ -591,6 +591,7 @@ def dry_run(cfg: Config) -> dict:
         "flops_per_step": flops.train_flops_per_token(cfg) * tr.batch_size * plan.window,
         "micro_batch": [plan.accum, plan.micro, plan.window],
         "memory_per_device": _memory_report(compiled),
+        "compiler_options": plan.compiler_options(),
         "collectives": sharding.collective_counts(hlo),
         "memory_layer_collectives": sharding.collective_counts(hlo, MEMORY_SCOPE),
         # what the CROSSBATCH LAYOUT comment in fot/sharding.py promises, per micro-batch
@@ -606,7 +607,9 @@ def dry_run(cfg: Config) -> dict:
               f"  parameters: {report['params']:,} ({report['trainable_params']:,} trained)\n"
               f"  model FLOPs per step: {report['flops_per_step']:.4g}\n"
               f"  memory per device: " + ", ".join(f"{k} {_gib(v)}" for k, v in
-                                                   report["memory_per_device"].items()) + "\n"
+                                                   report["memory_per_device"].items())
+              + (" (XLA:CPU's memory-optimised op order: remat is on)" if report["compiler_options"] else "")
+              + "\n"
               f"  collectives in the compiled step (a scanned body counts once): "
               f"{report['collectives']}\n"
               f"  memory-layer keys/values ({mem_layers} memory layers, {MEMORY_SCOPE} scope): "
