@@ -1,9 +1,11 @@
 """Where a train step's time goes on this machine: one step under `jax.profiler`, its ops named from
 the optimised HLO, summed by kind (docs/performance.md).
 
-    python -m bench.profile_step [--shape 512/8/32000/1024x2] [--top 25]
+    python -m bench.profile_step [--shape 512/8/32000/1024x2 | --model tiny] [--top 25]
 
-The step is bench_torch's fot step for the shape (memory layers off). Prints the step's wall time,
+The step is bench_torch's fot step for the shape (memory layers off), or one of bench_train's models
+(with memory layers: then also the busy time of the ops made in the memory layers' `fot_memory`
+scope, which is where crossbatch reads other rows). Prints the step's wall time,
 its page faults and system time (fresh pages the step's buffers touch), the busy time of XLA's
 threads by kind of op (GEMMs, [T, T] attention arrays, vocabulary-sized arrays, copies and
 transposes, dynamic slices, other elementwise), and the ops with the most busy time. Busy time is
@@ -56,14 +58,23 @@ def kind(name: str, shape: str, op_name: str, tokens: int, vocab: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.bench_torch import fot_config, parse
-    from bench.bench_train import FotStep, random_ids
+    from bench.bench_train import MODELS, FotStep, random_ids
+    from fot.config import load_config
+    from fot.train import MEMORY_SCOPE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="512/8/32000/1024x2", help="hidden/layers/vocab/tokens x rows")
+    ap.add_argument("--model", choices=list(MODELS), help="one of bench_train's models instead of --shape")
     ap.add_argument("--top", type=int, default=25, help="how many ops to list")
     args = ap.parse_args(argv)
-    s = parse(args.shape)
-    step = FotStep(fot_config(s), random_ids(fot_config(s)))
+    if args.model:
+        cfg = load_config(*MODELS[args.model])
+        args.shape = args.model
+        s = {"tokens": cfg.train.window or cfg.model.max_position_embeddings, "vocab": cfg.model.vocab_size}
+    else:
+        s = parse(args.shape)
+        cfg = fot_config(s)
+    step = FotStep(cfg, random_ids(cfg))
     step()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     step()
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbusy time of XLA's threads: {total:.0f} ms\n\n| kind | ms | share |\n|---|---|---|")
     for k, ms in by_kind.most_common():
         print(f"| {k} | {ms:.0f} | {ms / total:.1%} |")
+    memory = sum(ms for name, ms in busy.items() if MEMORY_SCOPE in ops.get(name, ("", ""))[1])
+    if memory:
+        print(f"\nops made in the `{MEMORY_SCOPE}` scope: {memory:.0f} ms ({memory / total:.1%})")
     print("\n| op | calls | ms | shape | from |\n|---|---|---|---|---|")
     for name, ms in busy.most_common(args.top):
         shape, op_name = ops.get(name, ("?", "?"))
