@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.model:
         cfg = load_config(*MODELS[args.model])
-        args.shape = args.model
         s = {"tokens": cfg.train.window or cfg.model.max_position_embeddings, "vocab": cfg.model.vocab_size}
     else:
         s = parse(args.shape)
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     step()
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    print(f"{args.shape}: step {wall:.2f} s, {r1.ru_minflt - r0.ru_minflt} page faults, system time "
+    print(f"{args.model or args.shape}: step {wall:.2f} s, {r1.ru_minflt - r0.ru_minflt} page faults, system time "
           f"{r1.ru_stime - r0.ru_stime:.2f} s, user time {r1.ru_utime - r0.ru_utime:.2f} s")
     trace = tempfile.mkdtemp(prefix="fot_trace_")
     jax.profiler.start_trace(trace)

@@ -274,13 +274,12 @@ class Llama(nnx.Module):
 
         Returns hidden states and, if collect_kv, this call's unrotated keys/values per layer [L, ...].
         """
-        graphdef, adapters, state = nnx.split(self.layers, nnx.LoRAParam, ...)
-        # The projections' kernels in the compute dtype before the runs of layers take their slices:
-        # the layers cast them at use anyway, and XLA materialises each run's slice of the stack
+        graphdef, adapters, params = nnx.split(self.layers, nnx.LoRAParam, ...)
+        # The projections' kernels ([L, in, out]) in the compute dtype before the runs of layers take
+        # their slices: the layers cast them at use anyway, and XLA materialises each run's slice
         # (1.33 GiB per device of float32 copies in configs/3b.yaml's step, docs/scaling.md).
         compute = DTYPES[self.cfg.dtype]
-        state = jax.tree.map(lambda a: a.astype(compute) if a.ndim > 2 and a.dtype != compute else a, state)
-        state = (adapters, state)
+        state = (adapters, jax.tree.map(lambda a: a.astype(compute) if a.ndim > 2 else a, params))
         policy = REMAT_POLICIES.get(self.cfg.remat_policy)
         kvs = []
 

@@ -474,7 +474,7 @@ def _ivf_found(cfg: RetrievalConfig, q: jax.Array, keys: jax.Array, slot: int, i
 
 
 def retrieve(cfg: RetrievalConfig, q: jax.Array, s: MemoryState, slot: int,
-             index: IVFIndex | None) -> Partial:
+             index: IVFIndex | faiss_ivf.FaissIndex | None) -> Partial:
     """The memory partial of memory layer `slot` for queries q [B, T, H, D] (already rotated)."""
     keys, values, valid = s.keys[slot], s.values[slot], s.valid[slot]
     dense_block, topk_block = blocks(keys.shape[2])
