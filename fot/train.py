@@ -111,7 +111,7 @@ def hidden(module: Llama, ids: jax.Array, cross_batch_range: int, pack_size: int
     """`forward` up to the final norm: the last layer's hidden states [B, T, E]."""
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ctx = module.context(pos, pos, None, segments=doc_ids, training=True)
+    ctx = dataclasses.replace(module.context(pos, pos, None, segments=doc_ids, training=True), by_index=True)
     mem = crossbatch_memory(module, ctx, cross_batch_range, pack_size, stepping)
     if mem is not None and ctx.impl == "plain" and not module.mem.gate:
         ctx = dataclasses.replace(ctx, local_in_memory=True)  # see crossbatch_memory

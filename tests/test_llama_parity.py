@@ -71,17 +71,24 @@ def test_longllama_config_keeps_memory_fields(tmp_path):
 GRAD_TOL = 1e-5  # max |fot - HF| over every parameter's gradient, relative to that gradient's max
 
 
-@pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, False), (4, 2, True)])
-def test_gradients_match_hf(tmp_path, heads, kv_heads, tied):
+@pytest.mark.parametrize("heads,kv_heads,tied,train_window", [(4, 4, False, False), (4, 2, True, False),
+                                                              (4, 2, True, True)])
+def test_gradients_match_hf(tmp_path, monkeypatch, heads, kv_heads, tied, train_window):
     """The training loss's gradient for every weight equals torch autograd's through transformers:
-    the projections' and the attention's own backward passes (custom VJPs) against autodiff."""
+    the projections' and the attention's own backward passes (custom VJPs) against autodiff.
+    `train_window`: through the train step's forward, whose attention reads query blocks (of 8
+    here) each with only the keys up to its end."""
     import jax
     import jax.numpy as jnp
     import optax
     import torch
     from flax import nnx
 
+    from fot import train
     from fot.hf import params_to_hf
+    from fot.model import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
 
     hf = make_hf(tmp_path, heads=heads, kv_heads=kv_heads, tied=tied)
     model = load_model(tmp_path)
@@ -89,7 +96,8 @@ def test_gradients_match_hf(tmp_path, heads, kv_heads, tied):
     graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
 
     def loss(p):
-        logits = nnx.merge(graphdef, p, rest)(jnp.asarray(ids[:, :-1]))
+        module, inputs = nnx.merge(graphdef, p, rest), jnp.asarray(ids[:, :-1])
+        logits = train.forward(module, inputs, 0, 1, False) if train_window else module(inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ids[:, 1:])).mean()
 
     grads = params_to_hf(nnx.to_pure_dict(jax.grad(loss)(params)), model.config.model.num_hidden_layers)

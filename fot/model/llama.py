@@ -75,6 +75,9 @@ class LocalContext:
     # The memory source takes the local window into its own pass (crossbatch in training, plain
     # attention, no gate): a memory layer then attends through the memory's partials alone.
     local_in_memory: bool = False
+    # The keys are the queries' own tokens at increasing positions, no past (training windows):
+    # plain attention skips the keys after each block of queries (attention.local_partial).
+    by_index: bool = False
 
 
 # A memory source: (memory-layer slot, rotated queries, new unrotated keys, new values, and with
@@ -186,7 +189,8 @@ class Block(nnx.Module):
         else:
             out = attention.attend(q, k, v, ctx.q_pos, ctx.k_pos, ctx.k_valid, extra=list(extra),
                                    gate=gate, impl=ctx.impl, block_size=ctx.block_size,
-                                   q_seg=ctx.segments, k_seg=ctx.segments, s2_group=ctx.s2_group)
+                                   q_seg=ctx.segments, k_seg=ctx.segments, s2_group=ctx.s2_group,
+                                   by_index=ctx.by_index)
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))

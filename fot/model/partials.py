@@ -11,6 +11,7 @@ Shapes: queries [B, T, H, D]; keys/values [B, S, K, D] with K kv heads (GQA: H =
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -37,13 +38,18 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
-def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> Partial:
+def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                  query_block: int | None = None) -> Partial:
     """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S]).
 
     Computed kv-head major ([B, K, G, T, S] scores, batch axes leading): XLA:CPU then runs each
     product as one batched GEMM instead of transposing around it (3x faster on the tiny model).
     Its gradient is FlashAttention's backward in one dense pass (`_dense`): no [T, S] array is kept
     for it, and `m` counts as a constant, which is exact for what `combine` normalises.
+
+    `query_block`: the keys are the queries' own tokens in order (S = T) and none after a query is
+    visible to it: each block of that many queries reads only the keys up to its end, and the
+    masked-out scores beyond are never computed (forward and backward).
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -51,7 +57,7 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
     vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
     mask = None if mask is None else jnp.moveaxis(mask, 1, 3)  # -> [B, K|1, G|1, T, S]
-    o, m, l = _dense(qh, kh, vh, mask)
+    o, m, l = _dense(qh, kh, vh, mask, query_block)
     back = lambda a: jnp.moveaxis(a, 3, 1).reshape(b, t, h, *a.shape[4:])
     return Partial(back(o), back(m), back(l))
 
@@ -73,32 +79,54 @@ def _exp(s, m, mask):
     return p if mask is None else jnp.where(mask, p, p * 0.0)  # rows with nothing visible: zeros
 
 
-@jax.custom_vjp
-def _dense(qh, kh, vh, mask):
-    s, m = _probs(qh, kh, mask)
-    p = _exp(s, m, mask)
-    return jnp.einsum("bkgts,bksd->bkgtd", p, vh), m, jnp.sum(p, axis=-1)
+def _blocks(t: int, query_block: int | None):
+    """(query rows, keys) of each block: all keys for all queries, or `query_block`'s triangle."""
+    if query_block is None:
+        return [(slice(0, t), slice(None))]
+    return [(slice(a, min(a + query_block, t)), slice(0, min(a + query_block, t)))
+            for a in range(0, t, query_block)]
 
 
-def _dense_fwd(qh, kh, vh, mask):
-    out = _dense(qh, kh, vh, mask)
+def _rows(a, rows, keys):
+    """A block's slice of a [B, K|1, G|1, T, S] mask (None stays None)."""
+    return None if a is None else a[..., rows, keys]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dense(qh, kh, vh, mask, query_block):
+    out = []
+    for rows, keys in _blocks(qh.shape[3], query_block):
+        mk = _rows(mask, rows, keys)
+        s, m = _probs(qh[..., rows, :], kh[:, :, keys], mk)
+        p = _exp(s, m, mk)
+        out.append((jnp.einsum("bkgts,bksd->bkgtd", p, vh[:, :, keys]), m, jnp.sum(p, axis=-1)))
+    return tuple(jnp.concatenate(a, axis=3) for a in zip(*out))
+
+
+def _dense_fwd(qh, kh, vh, mask, query_block):
+    out = _dense(qh, kh, vh, mask, query_block)
     return out, (qh, kh, vh, mask, out[1])
 
 
-def _dense_bwd(res, cts):
+def _dense_bwd(query_block, res, cts):
     # p = exp(s - m): o = p v, l = sum p. With m held constant (a normalised consumer does not
     # depend on it: its cotangent and m's effect on o and l cancel), ds = p * (do v^T + dl).
     qh, kh, vh, mask, m = res
     do, _, dl = cts
-    s, _ = _probs(qh, kh, mask)
-    p = _exp(s, m, mask)
-    ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do, vh) + dl[..., None]) * qh.shape[-1] ** -0.5
-    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, kh)
-    # [T, S] on the right, contracted over its rows: XLA:CPU then transposes the small [T, D]
-    # operand and result, not the [T, S] one (which it copies at a fraction of memory speed)
-    dk = jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", qh, ds), 2, 3)
-    dv = jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", do, p), 2, 3)
-    return dq, dk, dv, None
+    dq, dk, dv = [], 0.0, 0.0
+    for rows, keys in _blocks(qh.shape[3], query_block):
+        mk, q_b, do_b, k_b, v_b = _rows(mask, rows, keys), qh[..., rows, :], do[..., rows, :], kh[:, :, keys], vh[:, :, keys]
+        s, _ = _probs(q_b, k_b, mk)
+        p = _exp(s, m[..., rows], mk)
+        ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b) + dl[..., rows, None]) * qh.shape[-1] ** -0.5
+        dq.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k_b))
+        # [T, S] on the right, contracted over its rows: XLA:CPU then transposes the small [T, D]
+        # operand and result, not the [T, S] one (which it copies at a fraction of memory speed).
+        # A block's keys are a prefix: its gradients are padded to all S keys and summed.
+        pad = [(0, 0), (0, 0), (0, kh.shape[2] - k_b.shape[2]), (0, 0)]
+        dk = dk + jnp.pad(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", q_b, ds), 2, 3), pad)
+        dv = dv + jnp.pad(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", do_b, p), 2, 3), pad)
+    return jnp.concatenate(dq, axis=3), dk, dv, None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
