@@ -80,27 +80,34 @@ def _exp(s, m, mask):
 
 
 def _blocks(t: int, query_block: int | None):
-    """(query rows, keys) of each block: all keys for all queries, or `query_block`'s triangle."""
+    """(query rows, keys) of each block: all keys for all queries (None), or `query_block`'s
+    triangle of queries [a, b) with keys [0, b)."""
     if query_block is None:
-        return [(slice(0, t), slice(None))]
+        return [(None, None)]
     return [(slice(a, min(a + query_block, t)), slice(0, min(a + query_block, t)))
             for a in range(0, t, query_block)]
 
 
-def _rows(a, rows, keys):
-    """A block's slice of a [B, K|1, G|1, T, S] mask (None stays None)."""
-    return None if a is None else a[..., rows, keys]
+def _at(a, sl, axis: int):
+    """a[sl] along `axis` (negative: from the end); None (all) and a None array stay as they are."""
+    if a is None or sl is None:
+        return a
+    return a[(slice(None),) * (a.ndim + axis if axis < 0 else axis) + (sl,)]
+
+
+def _joined(parts: list, axis: int):
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _dense(qh, kh, vh, mask, query_block):
     out = []
     for rows, keys in _blocks(qh.shape[3], query_block):
-        mk = _rows(mask, rows, keys)
-        s, m = _probs(qh[..., rows, :], kh[:, :, keys], mk)
+        mk = _at(_at(mask, rows, -2), keys, -1)
+        s, m = _probs(_at(qh, rows, 3), _at(kh, keys, 2), mk)
         p = _exp(s, m, mk)
-        out.append((jnp.einsum("bkgts,bksd->bkgtd", p, vh[:, :, keys]), m, jnp.sum(p, axis=-1)))
-    return tuple(jnp.concatenate(a, axis=3) for a in zip(*out))
+        out.append((jnp.einsum("bkgts,bksd->bkgtd", p, _at(vh, keys, 2)), m, jnp.sum(p, axis=-1)))
+    return tuple(_joined(list(a), 3) for a in zip(*out))
 
 
 def _dense_fwd(qh, kh, vh, mask, query_block):
@@ -113,20 +120,22 @@ def _dense_bwd(query_block, res, cts):
     # depend on it: its cotangent and m's effect on o and l cancel), ds = p * (do v^T + dl).
     qh, kh, vh, mask, m = res
     do, _, dl = cts
-    dq, dk, dv = [], 0.0, 0.0
+    dq, dk, dv = [], [], []
     for rows, keys in _blocks(qh.shape[3], query_block):
-        mk, q_b, do_b, k_b, v_b = _rows(mask, rows, keys), qh[..., rows, :], do[..., rows, :], kh[:, :, keys], vh[:, :, keys]
+        mk, q_b, do_b = _at(_at(mask, rows, -2), keys, -1), _at(qh, rows, 3), _at(do, rows, 3)
+        k_b, v_b = _at(kh, keys, 2), _at(vh, keys, 2)
         s, _ = _probs(q_b, k_b, mk)
-        p = _exp(s, m[..., rows], mk)
-        ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b) + dl[..., rows, None]) * qh.shape[-1] ** -0.5
+        p = _exp(s, _at(m, rows, 3), mk)
+        ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b) + _at(dl, rows, 3)[..., None]) * qh.shape[-1] ** -0.5
         dq.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k_b))
         # [T, S] on the right, contracted over its rows: XLA:CPU then transposes the small [T, D]
-        # operand and result, not the [T, S] one (which it copies at a fraction of memory speed).
-        # A block's keys are a prefix: its gradients are padded to all S keys and summed.
-        pad = [(0, 0), (0, 0), (0, kh.shape[2] - k_b.shape[2]), (0, 0)]
-        dk = dk + jnp.pad(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", q_b, ds), 2, 3), pad)
-        dv = dv + jnp.pad(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", do_b, p), 2, 3), pad)
-    return jnp.concatenate(dq, axis=3), dk, dv, None
+        # operand and result, not the [T, S] one (which it copies at a fraction of memory speed)
+        dk.append(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", q_b, ds), 2, 3))
+        dv.append(jnp.swapaxes(jnp.einsum("bkgtd,bkgts->bkds", do_b, p), 2, 3))
+    # A block's keys are a prefix of all S: its gradients padded to S and summed.
+    pad = lambda g: jnp.pad(g, [(0, 0), (0, 0), (0, kh.shape[2] - g.shape[2]), (0, 0)])  # noqa: E731
+    total = lambda gs: gs[0] if len(gs) == 1 else sum(pad(g) for g in gs)  # noqa: E731
+    return _joined(dq, 3), total(dk), total(dv), None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
