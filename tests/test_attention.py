@@ -71,3 +71,11 @@ def test_query_blocks_compute_only_the_scores_up_to_each_block(monkeypatch):
         return jax.jit(f).lower(q, k, v).compile().cost_analysis()["flops"]
 
     assert flops(True) / flops(False) == pytest.approx(10 / 16, abs=0.05)
+
+
+def test_query_blocks_refuse_keys_that_are_not_the_queries_own():
+    q = jnp.ones((1, 8, 2, 4), jnp.float32)
+    with pytest.raises(ValueError, match="query_block needs the queries' own keys"):
+        partials.dense_partial(q, q[:, :6], q[:, :6], jnp.ones((1, 8, 1, 1, 6), bool), query_block=4)
+    with pytest.raises(ValueError, match="query_block needs"):
+        partials.dense_partial(q, q, q, jnp.ones((1, 1, 1, 1, 8), bool), query_block=4)

@@ -53,6 +53,9 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
+    if query_block is not None and (k.shape[1] != t or mask is None or mask.shape[1] != t or mask.shape[-1] != t):
+        raise ValueError(f"query_block needs the queries' own keys and a causal mask [B, T, 1, 1, T]: "
+                         f"{t} queries, {k.shape[1]} keys, mask {None if mask is None else mask.shape}")
     qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
     kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
     vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
