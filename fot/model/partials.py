@@ -53,7 +53,8 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    if query_block is not None and (k.shape[1] != t or mask is None or mask.shape[1] != t or mask.shape[-1] != t):
+    own_keys = k.shape[1] == t and mask is not None and mask.shape[1] == mask.shape[-1] == t
+    if query_block is not None and not own_keys:
         raise ValueError(f"query_block needs the queries' own keys and a causal mask [B, T, 1, 1, T]: "
                          f"{t} queries, {k.shape[1]} keys, mask {None if mask is None else mask.shape}")
     qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
@@ -129,7 +130,8 @@ def _dense_bwd(query_block, res, cts):
         k_b, v_b = _at(kh, keys, 2), _at(vh, keys, 2)
         s, _ = _probs(q_b, k_b, mk)
         p = _exp(s, _at(m, rows, 3), mk)
-        ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b) + _at(dl, rows, 3)[..., None]) * qh.shape[-1] ** -0.5
+        dp = jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b)
+        ds = p * (dp + _at(dl, rows, 3)[..., None]) * qh.shape[-1] ** -0.5
         dq.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k_b))
         # [T, S] on the right, contracted over its rows: XLA:CPU then transposes the small [T, D]
         # operand and result, not the [T, S] one (which it copies at a fraction of memory speed)
