@@ -9,6 +9,7 @@ import pytest
 
 from fot.config import MemoryConfig, load_config
 from fot.model import attention, partials
+from fot.model.memory import crossbatch
 from fot.model.memory.crossbatch import crossbatch_memory, extra_contexts
 from fot.model.llama import init_model
 
@@ -50,6 +51,15 @@ def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af, docs=None):
     return out
 
 
+@pytest.fixture(params=["unrolled", "scan"])
+def reading(request, monkeypatch):
+    """Both ways a memory layer reads its sources: unrolled with rows skipped (small layers) and
+    one source at a time in a scan (crossbatch.UNROLL_BYTES)."""
+    if request.param == "scan":
+        monkeypatch.setattr(crossbatch, "UNROLL_BYTES", 0)
+    return request.param
+
+
 def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True, docs=None,
                    local_in_memory=False):
     """local_in_memory: the crossbatch scan takes the local window too (what training does with
@@ -72,7 +82,7 @@ def run_crossbatch(q, k_rot, k_unrot, v, r, pack, stepping, af, positionals=True
 @pytest.mark.parametrize("local_in_memory", [False, True])
 @pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6),
                                                    (1, 1, True, 3), (0, 4, True, 4), (5, 3, True, 9)])
-def test_matches_numpy_reference(r, pack, stepping, batch, local_in_memory):
+def test_matches_numpy_reference(r, pack, stepping, batch, local_in_memory, reading):
     rng = np.random.default_rng(0)
     t, h, d = 5, 2, 4
     q, k_rot, k_unrot, v = (rng.standard_normal((batch, t, h, d)).astype(np.float32) for _ in range(4))
@@ -85,7 +95,7 @@ def test_matches_numpy_reference(r, pack, stepping, batch, local_in_memory):
 
 @pytest.mark.parametrize("local_in_memory", [False, True])
 @pytest.mark.parametrize("r,pack,stepping,batch", [(3, 4, True, 8), (3, 4, False, 8), (2, 2, True, 6)])
-def test_document_mask_matches_numpy_reference(r, pack, stepping, batch, local_in_memory):
+def test_document_mask_matches_numpy_reference(r, pack, stepping, batch, local_in_memory, reading):
     """Short documents packed several to a pack slot: each query reads its own document only, in
     its row and in the rows of its pack, plus the previous pack's rows (negatives)."""
     rng = np.random.default_rng(4)
@@ -121,7 +131,7 @@ def test_positionals_false_uses_unrotated_keys():
 
 
 @pytest.mark.parametrize("local_in_memory", [False, True])
-def test_gradients_flow_into_previous_rows_only(local_in_memory):
+def test_gradients_flow_into_previous_rows_only(local_in_memory, reading):
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((8, 3, 2, 4)), jnp.float32) for _ in range(3))
 
@@ -133,6 +143,66 @@ def test_gradients_flow_into_previous_rows_only(local_in_memory):
         assert float(jnp.abs(gk[other]).sum()) > 1e-6 and float(jnp.abs(gv[other]).sum()) > 1e-6
     for other in (0, 1, 2, 7):
         assert float(jnp.abs(gk[other]).sum()) == 0.0 and float(jnp.abs(gv[other]).sum()) == 0.0
+
+
+def torch_crossbatch(q, k, k_unrot, v, r, pack, stepping, af):
+    """ref_crossbatch in float64 PyTorch, differentiable: one softmax per query over its causal
+    window and the keys of the rows it reads (ref_visible_rows)."""
+    import torch
+
+    rows = []
+    for b in range(q.shape[0]):
+        other = ref_visible_rows(b, pack, r, stepping)
+        outs = []
+        for t in range(q.shape[1]):
+            keys = torch.cat([k[b, : t + 1]] + [k_unrot[o] * af for o in other])
+            vals = torch.cat([v[b, : t + 1]] + [v[o] for o in other])
+            s = torch.einsum("shd,hd->hs", keys, q[b, t]) / q.shape[-1] ** 0.5
+            outs.append(torch.einsum("hs,shd->hd", torch.softmax(s, dim=-1), vals))
+        rows.append(torch.stack(outs))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("local_in_memory", [False, True])
+@pytest.mark.parametrize("r,pack,batch", [(3, 4, 8), (2, 2, 6)])
+def test_gradients_match_torch_autograd(r, pack, batch, local_in_memory, reading):
+    """Gradients of a weighted sum of the outputs for queries, local keys, other rows' keys and
+    values against PyTorch autograd through the definition (with stepping, so rows are skipped)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((batch, 5, 2, 4)) for _ in range(4)]
+    w = rng.standard_normal((batch, 5, 2, 4))
+
+    def loss(q, k_rot, k_unrot, v):
+        out = run_crossbatch(q, k_rot, k_unrot, v, r, pack, True, 1.3, local_in_memory=local_in_memory)
+        return jnp.sum(out * w)
+
+    got = jax.grad(loss, argnums=(0, 1, 2, 3))(*(jnp.asarray(x, jnp.float32) for x in xs))
+    ts = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs]
+    (torch_crossbatch(*ts, r, pack, True, 1.3) * torch.tensor(w)).sum().backward()
+    for g, t in zip(got, ts):
+        np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=2e-5, rtol=2e-5)
+
+
+def test_unrolled_reading_skips_the_rows_that_read_nothing(monkeypatch):
+    """k = 4, R = 3, stepping: a pack's rows read 0, 2, 3, 3 other rows, so with the local window
+    12 of 16 (row, source) products are needed; the compiled FLOPs are that share of reading
+    every source for every row."""
+    b, t, h, d = 8, 32, 2, 16
+    q, k, v = (jnp.ones((b, t, h, d), jnp.float32) for _ in range(3))
+    module = SimpleNamespace(mem=MemoryConfig(layers=(0,), positionals=False))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    ctx = SimpleNamespace(inv_freq=None, attention_factor=1.0, q_pos=pos, segments=None)
+    local = (k, v, partials.causal_mask(pos, pos))
+
+    def flops():
+        fn = crossbatch_memory(module, ctx, 3, 4, True)
+        f = lambda q, k, v: partials.combine(fn(0, q, k, v, local)[0], jnp.float32)  # noqa: E731
+        return jax.jit(f).lower(q, k, v).compile().cost_analysis()["flops"]
+
+    skipping = flops()
+    monkeypatch.setattr(crossbatch, "first_readers", lambda k, r, stepping: [0] * r)
+    assert skipping / flops() == pytest.approx(12 / 16, abs=0.05)
 
 
 def test_model_rows_never_see_later_rows():

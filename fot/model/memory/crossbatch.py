@@ -43,6 +43,13 @@ def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, step
     return np.minimum(n, b + 1) - 1
 
 
+# A layer whose one source's scores for the whole batch take at most this many bytes reads its
+# sources unrolled: each its own partial, the rows that do not read it skipped, and nothing
+# recomputed (attention's backward recomputes its scores anyway), so XLA:CPU runs the small
+# products side by side. Larger ones read one source at a time (below). The tiny model's
+# crossbatch: 4 MiB sources, ~28% -> ~10% of its step (docs/performance.md item 9).
+UNROLL_BYTES = 32 * 2**20
+
 row_partial = jax.checkpoint(partials.dense_partial)
 
 
@@ -61,6 +68,13 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         same_pack = (np.arange(b)[:, None] % pack_size) >= np.arange(1, r + 1)[None, :]  # [B, R]
         same_pack = jnp.asarray(np.repeat(same_pack, t, axis=1))[:, None, :]
         visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
+    vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
+    # Unrolled, row b - r is read only by the rows of each pack from first[r-1] on; the others
+    # are skipped, not masked, when every batch shard holds whole packs (else the packs' rows
+    # would be resharded).
+    mesh = sharding.ambient_mesh()
+    whole_packs = b % (pack_size * (1 if mesh is None else sharding.batch_shards(mesh))) == 0
+    first = first_readers(pack_size, r, stepping) if whole_packs else [0] * r
 
     def fn(slot, q, k_new, v_new, local=None):
         k = as_if_first(module, ctx, k_new)
@@ -71,25 +85,46 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         whole = [sharding.constrain(a, ("batch", None, None, "act_kv_heads", "head_dim"))
                  for a in sharding.previous_rows((k, v_new), r)]
         pk, pv = checkpoint_name(whole, MEMORY_FETCH)
-        # The previous rows one at a time (a scan, each row's scores recomputed in the backward
-        # pass), merged into one partial that attend joins with the local window in one softmax:
-        # the layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Given
-        # the local window (ctx.local_in_memory), it is the scan's first source, so the backward
-        # pass holds one source's [T, T] buffers at a time (XLA:CPU otherwise kept the local
-        # attention's alive through the rows': 0.79 GiB of the ~110M step, docs/scaling.md).
-        ks, vs = jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0)
-        vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
-        if local is not None:
+        sources = [(pk[:, i], pv[:, i], vis[i], c) for i, c in enumerate(first)]
+        if local is not None:  # ctx.local_in_memory: the local window is the first source
             k_loc, v_loc, mask = local
-            ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
-            vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
-            vis = jnp.concatenate([mask[None], jnp.broadcast_to(vis, (r, *mask.shape))])
+            sources.insert(0, (k_loc.astype(pk.dtype), v_loc.astype(pv.dtype), mask, 0))
+        if b * q.shape[2] * t * t * 4 <= UNROLL_BYTES:
+            return [_skipping(q, *s, pack_size) for s in sources], gate_of(module, slot)
+        # One source at a time (a scan, each source's scores recomputed in the backward pass): the
+        # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. With the
+        # local window first, the backward pass holds one source's [T, T] buffers at a time
+        # (XLA:CPU otherwise kept the local attention's alive through the rows': 0.79 GiB of the
+        # ~110M step, docs/scaling.md); reading the sources unrolled there planned 0.27-0.42 GiB more.
+        ks, vs, masks, _ = zip(*sources)
+        masks = [jnp.broadcast_to(m, jnp.broadcast_shapes(*(m.shape for m in masks))) for m in masks]
 
         def add_row(acc, row):
-            k_row, v_row, vis_row = row
-            return partials.merge(acc, row_partial(q, k_row, v_row, vis_row)), None
+            return partials.merge(acc, row_partial(q, *row)), None
 
-        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (ks, vs, vis))
+        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (jnp.stack(ks), jnp.stack(vs), jnp.stack(masks)))
         return [part], gate_of(module, slot)
 
     return fn
+
+
+def first_readers(pack_size: int, cross_batch_range: int, stepping: bool) -> list[int]:
+    """[R]: the first row of a pack that reads row b - r (r = 1..R), from `extra_contexts` of a
+    pack far enough into the batch (with stepping, a pack's first rows read fewer rows)."""
+    r = cross_batch_range
+    extra = extra_contexts((r + 1) * pack_size, pack_size, r, stepping)[-pack_size:]
+    return [int(np.argmax(extra >= i)) for i in range(1, r + 1)]
+
+
+def _skipping(q, k, v, mask, c: int, pack_size: int) -> partials.Partial:
+    """The dense partial of the rows c.. of each pack; rows 0..c-1 see nothing."""
+    if c == 0:
+        return partials.dense_partial(q, k, v, mask)
+    read = lambda a: a.reshape(-1, pack_size, *a.shape[1:])[:, c:].reshape(-1, *a.shape[1:])  # noqa: E731
+    got = partials.dense_partial(read(q), read(k), read(v), read(mask))
+
+    def pad(a, fill):
+        a = a.reshape(-1, pack_size - c, *a.shape[1:])
+        a = jnp.pad(a, [(0, 0), (c, 0)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return a.reshape(-1, *a.shape[2:])
+    return partials.Partial(pad(got.o, 0.0), pad(got.m, partials.NEG_INF), pad(got.l, 0.0))
