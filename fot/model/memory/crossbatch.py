@@ -47,7 +47,7 @@ def extra_contexts(batch_size: int, pack_size: int, cross_batch_range: int, step
 # sources unrolled: each its own partial, the rows that do not read it skipped, and nothing
 # recomputed (attention's backward recomputes its scores anyway), so XLA:CPU runs the small
 # products side by side. Larger ones read one source at a time (below). The tiny model's
-# crossbatch: 4 MiB sources, ~28% -> ~10% of its step (docs/performance.md item 9).
+# crossbatch: 4 MiB sources, ~29% -> ~12% of its step (docs/performance.md item 9).
 UNROLL_BYTES = 32 * 2**20
 
 row_partial = jax.checkpoint(partials.dense_partial)
@@ -68,7 +68,6 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         same_pack = (np.arange(b)[:, None] % pack_size) >= np.arange(1, r + 1)[None, :]  # [B, R]
         same_pack = jnp.asarray(np.repeat(same_pack, t, axis=1))[:, None, :]
         visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
-    vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
     # Unrolled, row b - r is read only by the rows of each pack from first[r-1] on; the others
     # are skipped, not masked, when every batch shard holds whole packs (else the packs' rows
     # would be resharded).
@@ -85,24 +84,29 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         whole = [sharding.constrain(a, ("batch", None, None, "act_kv_heads", "head_dim"))
                  for a in sharding.previous_rows((k, v_new), r)]
         pk, pv = checkpoint_name(whole, MEMORY_FETCH)
-        sources = [(pk[:, i], pv[:, i], vis[i], c) for i, c in enumerate(first)]
-        if local is not None:  # ctx.local_in_memory: the local window is the first source
-            k_loc, v_loc, mask = local
-            sources.insert(0, (k_loc.astype(pk.dtype), v_loc.astype(pv.dtype), mask, 0))
+        vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
         if b * q.shape[2] * t * t * 4 <= UNROLL_BYTES:
+            sources = [(pk[:, i], pv[:, i], vis[i], c) for i, c in enumerate(first)]
+            if local is not None:  # ctx.local_in_memory: the local window is a source too
+                sources.insert(0, (local[0].astype(pk.dtype), local[1].astype(pv.dtype), local[2], 0))
             return [_skipping(q, *s, pack_size) for s in sources], gate_of(module, slot)
         # One source at a time (a scan, each source's scores recomputed in the backward pass): the
-        # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. With the
-        # local window first, the backward pass holds one source's [T, T] buffers at a time
-        # (XLA:CPU otherwise kept the local attention's alive through the rows': 0.79 GiB of the
-        # ~110M step, docs/scaling.md); reading the sources unrolled there planned 0.27-0.42 GiB more.
-        ks, vs, masks, _ = zip(*sources)
-        masks = [jnp.broadcast_to(m, jnp.broadcast_shapes(*(m.shape for m in masks))) for m in masks]
+        # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Given the
+        # local window (ctx.local_in_memory), it is the scan's first source, so the backward pass
+        # holds one source's [T, T] buffers at a time (XLA:CPU otherwise kept the local
+        # attention's alive through the rows': 0.79 GiB of the ~110M step, docs/scaling.md).
+        # Unrolled, the ~110M step planned 0.27-0.42 GiB more.
+        ks, vs, masks = jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis
+        if local is not None:
+            k_loc, v_loc, mask = local
+            ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
+            vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
+            masks = jnp.concatenate([mask[None], jnp.broadcast_to(vis, (r, *mask.shape))])
 
         def add_row(acc, row):
             return partials.merge(acc, row_partial(q, *row)), None
 
-        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (jnp.stack(ks), jnp.stack(vs), jnp.stack(masks)))
+        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (ks, vs, masks))
         return [part], gate_of(module, slot)
 
     return fn
