@@ -219,9 +219,10 @@ def test_remat_covers_the_memory_layers():
         return str(jax.make_jaxpr(loss)(params)).count("remat"), jax.jit(jax.grad(loss))(params)
 
     (n_none, g_none), (n_full, g_full) = grads("none"), grads("full")
-    # crossbatch recomputes each previous row's scores under any policy (one remat); the policy
-    # adds one per segment: the plain layer 0 and the memory layer 1
-    assert (n_none, n_full) == (1, 3)
+    # crossbatch in a layer this small reads its sources unrolled, with no remat of its own
+    # (crossbatch.UNROLL_BYTES); the policy adds one per segment: the plain layer 0 and the memory
+    # layer 1
+    assert (n_none, n_full) == (0, 2)
     for a, b in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_full)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(a)).max()
 
