@@ -95,19 +95,31 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         # local window (ctx.local_in_memory), it is the scan's first source, so the backward pass
         # holds one source's [T, T] buffers at a time (XLA:CPU otherwise kept the local
         # attention's alive through the rows': 0.79 GiB of the ~110M step, docs/scaling.md).
-        # Unrolled, the ~110M step planned 0.27-0.42 GiB more.
-        ks, vs, masks = jnp.moveaxis(pk, 1, 0), jnp.moveaxis(pv, 1, 0), vis
-        if local is not None:
-            k_loc, v_loc, mask = local
-            ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
-            vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
-            masks = jnp.concatenate([mask[None], jnp.broadcast_to(vis, (r, *mask.shape))])
+        # Unrolled, the ~110M step planned 0.27-0.42 GiB more. With whole packs, each pack row j
+        # has its own scan over the rows j of all packs and only the sources they read.
+        groups = [(j, sum(c <= j for c in first)) for j in range(pack_size)] if whole_packs else [(None, r)]
+        parts = []
+        for j, n in groups:
+            rows = lambda a, axis=0, j=j: _pack_row(a, j, pack_size, axis)  # noqa: E731
+            qj = rows(q)
+            if n == 0 and local is None:  # a pack's first row reads no other row
+                parts.append(partials.empty(qj.shape))
+                continue
+            ks, vs = (jnp.moveaxis(rows(a[:, :n]), 1, 0) for a in (pk, pv))
+            masks = rows(vis[:n], 1)
+            if local is not None:
+                k_loc, v_loc, mask = (rows(a) for a in local)
+                ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
+                vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
+                masks = jnp.concatenate([mask[None], jnp.broadcast_to(masks, (n, *mask.shape))])
 
-        def add_row(acc, row):
-            return partials.merge(acc, row_partial(q, *row)), None
+            def add_row(acc, row, qj=qj):
+                return partials.merge(acc, row_partial(qj, *row)), None
 
-        part, _ = jax.lax.scan(add_row, partials.empty(q.shape), (ks, vs, masks))
-        return [part], gate_of(module, slot)
+            parts.append(jax.lax.scan(add_row, partials.empty(qj.shape), (ks, vs, masks))[0])
+        if len(parts) > 1:  # the pack rows' partials back in batch order
+            parts = [partials.Partial(*(jnp.stack(a, axis=1).reshape(b, *a[0].shape[1:]) for a in zip(*parts)))]
+        return parts, gate_of(module, slot)
 
     return fn
 
@@ -118,6 +130,14 @@ def first_readers(pack_size: int, cross_batch_range: int, stepping: bool) -> lis
     r = cross_batch_range
     extra = extra_contexts((r + 1) * pack_size, pack_size, r, stepping)[-pack_size:]
     return [int(np.argmax(extra >= i)) for i in range(1, r + 1)]
+
+
+def _pack_row(a, j: int | None, pack_size: int, axis: int = 0):
+    """Along `axis` (the batch), row j of every pack; all rows for j None."""
+    if j is None:
+        return a
+    packs = a.shape[axis] // pack_size
+    return jnp.take(a.reshape(*a.shape[:axis], packs, pack_size, *a.shape[axis + 1:]), j, axis=axis + 1)
 
 
 def _skipping(q, k, v, mask, c: int, pack_size: int) -> partials.Partial:
