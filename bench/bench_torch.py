@@ -1,6 +1,6 @@
 """Training step against PyTorch + transformers at the same shapes, in one process (issue 18).
 
-    python -m bench.bench_torch [--shapes 128/2/259/128x16 512/8/32000/1024x2 ...] [--steps 3]
+    python -m bench.bench_torch [--shapes 128/2/259/128x16 512/8/32000/1024x2 ...] [--steps 3] [--min-seconds 20]
 
 Shape: hidden / layers / vocab / tokens x rows (heads: hidden / 64, or 4 below 256; intermediate
 256 / 1376 / 2048 at hidden 128 / 512 / 768 as configs/tiny.yaml and the LLaMA-style sizes, else
@@ -10,8 +10,10 @@ batch of uniform random tokens, next-token cross-entropy over every position, gr
 (bench_train.FotStep, every device of this process). torch: `transformers.LlamaForCausalLM` (sdpa
 attention) + `torch.optim.AdamW`, torch.set_num_threads(os.cpu_count()), OMP_WAIT_POLICY=PASSIVE
 unless set (on the shared 2-core machine OpenMP's default spin-waiting made torch's tiny step 10-20x
-slower under load: 0.18 s -> 2.4-3.8 s). One warm-up round, then --steps rounds of two fot steps
-then two torch steps (load on a shared machine falls on both), medians; torch / fot > 1: fot
+slower under load: 0.18 s -> 2.4-3.8 s). One warm-up round, then rounds of two fot steps then two
+torch steps (load on a shared machine falls on both), at least --steps of them and until
+--min-seconds have passed (at 3 rounds the 0.1 s shape's median moved 0.73-1.02 between runs),
+medians; torch / fot > 1: fot
 faster. The second step of each pair follows a step of its own framework, as in a training loop:
 the headline. The first follows the other framework's step, and it is reported too: XLA:CPU
 allocates a step's temporaries afresh, and after torch's step the kernel spends seconds handing
@@ -80,7 +82,7 @@ class TorchStep:
         return float(loss.detach())
 
 
-def bench(shape: str, steps: int) -> dict:
+def bench(shape: str, steps: int, min_seconds: float = 0.0) -> dict:
     from bench.bench_train import FotStep, random_ids
 
     s = parse(shape)
@@ -88,15 +90,22 @@ def bench(shape: str, steps: int) -> dict:
     ids = random_ids(cfg)
     fot, torch_step = FotStep(cfg, ids), TorchStep(s, ids)
     times = {(name, after): [] for name in ("fot", "torch") for after in ("own", "other")}
-    for i in range(steps + 1):
+
+    def one_round(timed: bool) -> None:
         for name, step in (("fot", fot), ("torch", torch_step)):
             for after in ("other", "own"):
                 t0 = time.perf_counter()
                 step()
-                if i:  # the first round is the warm-up
+                if timed:
                     times[name, after].append(time.perf_counter() - t0)
+
+    one_round(timed=False)  # warm-up
+    rounds, start = 0, time.perf_counter()
+    while rounds < steps or time.perf_counter() - start < min_seconds:
+        one_round(timed=True)
+        rounds += 1
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    return {"shape": shape, "heads": s["heads"], "inter": s["inter"], "fot_s": med["fot", "own"],
+    return {"shape": shape, "rounds": rounds, "heads": s["heads"], "inter": s["inter"], "fot_s": med["fot", "own"],
             "torch_s": med["torch", "own"], "fot_other_s": med["fot", "other"],
             "torch_other_s": med["torch", "other"], "compile_s": fot.compile_s,
             "fot_loss": float(fot.metrics["loss"])}
@@ -105,7 +114,9 @@ def bench(shape: str, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--steps", type=int, default=3, help="timed rounds per shape")
+    ap.add_argument("--steps", type=int, default=3, help="timed rounds per shape, at least")
+    ap.add_argument("--min-seconds", type=float, default=20.0,
+                    help="and rounds until this long: the small shape's ~0.1 s steps need many for a stable median")
     args = ap.parse_args(argv)
     import jax
     import torch
@@ -115,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
           f"{os.environ['OMP_WAIT_POLICY']}), load average "
-          f"{os.getloadavg()[0]:.1f} at the start; medians of {args.steps} rounds")
-    print("| shape (hidden / layers / vocab / tokens x rows) | heads | intermediate | fot compile s | "
+          f"{os.getloadavg()[0]:.1f} at the start; medians of at least {args.steps} rounds and "
+          f"{args.min_seconds:.0f} s per shape")
+    print("| shape (hidden / layers / vocab / tokens x rows) | heads | intermediate | rounds | fot compile s | "
           "fot step s | torch step s | torch / fot | right after the other's step: fot s, torch s, "
           "torch / fot |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        r = bench(shape, args.steps)
-        print(f"| {r['shape'].replace('/', ' / ').replace('x', ' x ')} | {r['heads']} | {r['inter']} | "
+        r = bench(shape, args.steps, args.min_seconds)
+        print(f"| {r['shape'].replace('/', ' / ').replace('x', ' x ')} | {r['heads']} | {r['inter']} | {r['rounds']} | "
               f"{r['compile_s']:.1f} | {r['fot_s']:.3f} | {r['torch_s']:.3f} | "
               f"{r['torch_s'] / r['fot_s']:.2f} | {r['fot_other_s']:.3f}, {r['torch_other_s']:.3f}, "
               f"{r['torch_other_s'] / r['fot_other_s']:.2f} |", flush=True)
