@@ -68,9 +68,8 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
         same_pack = (np.arange(b)[:, None] % pack_size) >= np.arange(1, r + 1)[None, :]  # [B, R]
         same_pack = jnp.asarray(np.repeat(same_pack, t, axis=1))[:, None, :]
         visible = visible & (~same_pack | (prev == ctx.segments[:, :, None]))  # [B, T, R*T]
-    # Unrolled, row b - r is read only by the rows of each pack from first[r-1] on; the others
-    # are skipped, not masked, when every batch shard holds whole packs (else the packs' rows
-    # would be resharded).
+    # Row b - r is read only by the rows of each pack from first[r-1] on; the others are skipped,
+    # not masked, when every batch shard holds whole packs (else the packs' rows would be resharded).
     mesh = sharding.ambient_mesh()
     whole_packs = b % (pack_size * (1 if mesh is None else sharding.batch_shards(mesh))) == 0
     first = first_readers(pack_size, r, stepping) if whole_packs else [0] * r
