@@ -54,11 +54,9 @@ def ref_crossbatch(q, k, k_unrot, v, r, pack, stepping, af, docs=None):
 @pytest.fixture(params=["unrolled", "scan"])
 def reading(request, monkeypatch):
     """Both ways a memory layer reads its sources: unrolled with rows skipped (small layers) and
-    one source at a time in a scan (crossbatch.UNROLL_BYTES), the local window before it read in
-    query blocks (here of 2 of the 5 or 6 tokens)."""
+    one source at a time in a scan (crossbatch.UNROLL_BYTES)."""
     if request.param == "scan":
         monkeypatch.setattr(crossbatch, "UNROLL_BYTES", 0)
-        monkeypatch.setattr(attention, "QUERY_BLOCK", 2)
     return request.param
 
 

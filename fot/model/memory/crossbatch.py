@@ -21,7 +21,6 @@ neither its past nor negatives. Rows of the previous pack stay wholly visible (t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -30,7 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from fot import sharding
-from fot.model import attention, partials
+from fot.model import partials
 from fot.model.llama import MEMORY_FETCH
 from fot.model.memory.keys import as_if_first, gate_of
 
@@ -91,33 +90,32 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
                 sources.insert(0, (local[0].astype(pk.dtype), local[1].astype(pv.dtype), local[2], 0))
             return [_skipping(q, *s, pack_size) for s in sources], gate_of(module, slot)
         # One source at a time (a scan, each source's scores recomputed in the backward pass): the
-        # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Unrolled, the
-        # ~110M step planned 0.27-0.42 GiB more. With whole packs, each pack row j has its own scan
-        # over the rows j of all packs and only the sources they read, starting from their local
-        # window's partial (ctx.local_in_memory), read in query blocks as `attention.local_partial`
-        # reads a training window. (Before the pack rows had their own scans, the local window was
-        # the one scan's first source: as its initial value, XLA:CPU kept its backward buffers alive
-        # through the rows', 0.37-0.79 GiB more for the ~110M step, docs/scaling.md.)
+        # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Given the
+        # local window (ctx.local_in_memory), it is the scan's first source, so the backward pass
+        # holds one source's [T, T] buffers at a time (XLA:CPU otherwise kept the local
+        # attention's alive through the rows': 0.79 GiB of the ~110M step, docs/scaling.md).
+        # Unrolled, the ~110M step planned 0.27-0.42 GiB more. With whole packs, each pack row j
+        # has its own scan over the rows j of all packs and only the sources they read.
         groups = [(j, sum(c <= j for c in first)) for j in range(pack_size)] if whole_packs else [(None, r)]
         parts = []
         for j, n in groups:
             rows = lambda a, axis=0, j=j: _pack_row(a, j, pack_size, axis)  # noqa: E731
             qj = rows(q)
-            init = partials.empty(qj.shape)
-            if local is not None:
-                block = attention.QUERY_BLOCK if t > attention.QUERY_BLOCK else None
-                k_loc, v_loc, mask = (rows(a) for a in local)
-                init = jax.checkpoint(functools.partial(partials.dense_partial, query_block=block))(
-                    qj, k_loc.astype(pk.dtype), v_loc.astype(pv.dtype), mask)
-            if n == 0:
-                parts.append(init)
+            if n == 0 and local is None:  # a pack's first row reads no other row
+                parts.append(partials.empty(qj.shape))
                 continue
             ks, vs = (jnp.moveaxis(rows(a[:, :n]), 1, 0) for a in (pk, pv))
+            masks = rows(vis[:n], 1)
+            if local is not None:
+                k_loc, v_loc, mask = (rows(a) for a in local)
+                ks = jnp.concatenate([k_loc[None].astype(ks.dtype), ks])
+                vs = jnp.concatenate([v_loc[None].astype(vs.dtype), vs])
+                masks = jnp.concatenate([mask[None], jnp.broadcast_to(masks, (n, *mask.shape))])
 
             def add_row(acc, row, qj=qj):
                 return partials.merge(acc, row_partial(qj, *row)), None
 
-            parts.append(jax.lax.scan(add_row, init, (ks, vs, rows(vis[:n], 1)))[0])
+            parts.append(jax.lax.scan(add_row, partials.empty(qj.shape), (ks, vs, masks))[0])
         if len(parts) > 1:  # the pack rows' partials back in batch order
             parts = [partials.Partial(*(jnp.stack(a, axis=1).reshape(b, *a[0].shape[1:]) for a in zip(*parts)))]
         return parts, gate_of(module, slot)
