@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed-dev
 
 # XLA:CPU allocates a step's temporaries afresh every step; with this glibc's malloc backs them with
 # transparent huge pages instead of faulting them in 4 KiB at a time (the tiny step 1.34x faster,
-# `python -m bench.bench_host_memory`). Not for `make bench`: beside torch in one process the kernel
-# compacts memory for those pages (BENCHMARKS.md). Ignored where glibc is older than 2.35 or absent.
+# `python -m bench.bench_host_memory`, which times both settings itself). `make bench` runs with it
+# too, torch in the same process alike: each framework's steps run in rounds, so the kernel's
+# compaction right after the other's step shows only in bench_torch's last column (BENCHMARKS.md).
+# Ignored where glibc is older than 2.35 or absent.
 HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 $(BIN)/python:
@@ -34,7 +36,7 @@ test: $(STAMP)
 	$(HUGE_PAGES) $(BIN)/python -m pytest -n 2 --dist loadscope
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(HUGE_PAGES) $(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) runs

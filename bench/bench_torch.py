@@ -17,7 +17,9 @@ medians; torch / fot > 1: fot
 faster. The second step of each pair follows a step of its own framework, as in a training loop:
 the headline. The first follows the other framework's step, and it is reported too: XLA:CPU
 allocates a step's temporaries afresh, and after torch's step the kernel spends seconds handing
-that memory out again (docs/performance.md, item 4).
+that memory out again (docs/performance.md, item 4). `make bench` runs it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both frameworks: one process), as fot's CPU entry points;
+the header prints the setting.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count())
     print(f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads, OMP_WAIT_POLICY="
-          f"{os.environ['OMP_WAIT_POLICY']}), load average "
+          f"{os.environ['OMP_WAIT_POLICY']}), GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, load average "
           f"{os.getloadavg()[0]:.1f} at the start; medians of at least {args.steps} rounds and "
           f"{args.min_seconds:.0f} s per shape")
     print("| shape (hidden / layers / vocab / tokens x rows) | heads | intermediate | rounds | fot compile s | "
