@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 # Two workers, tests of one module on one worker (module fixtures are built once): the suite is
 # mostly single-threaded XLA compiles, which tests/conftest.py caches on disk (2-core CI-size machine,
-# clean clone, `.ci/run` with the install: 8 min 18 s-10 min 4 s on 2026-12-07; 13 min 33 s before the cache).
+# clean clone, `.ci/run` with the install: 6 min 22 s-10 min 4 s on 2026-12-07; 13 min 33 s before the cache).
 test: $(STAMP)
 	$(HUGE_PAGES) $(BIN)/python -m pytest -n 2 --dist loadscope
 
