@@ -34,7 +34,7 @@ def config(model: str, n: int):
     if model == "tiny":
         return load_config("configs/tiny.yaml", [f"retrieval.capacity={n}"])
     cfg = bench_memory.config(n, "dense").to_dict()
-    cfg["memory"].pop("dtype")  # the config default (bfloat16), as a user reads with it
+    cfg["retrieval"].pop("dtype")  # the config default (bfloat16), as a user reads with it
     return config_from_dict(cfg)
 
 
