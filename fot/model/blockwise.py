@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fot.model.partials import NEG_INF, Partial, empty, group_queries
+from fot.model.partials import NEG_INF, Partial, empty, head_major, token_major
 
 
 def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
@@ -25,10 +25,10 @@ def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _blocks(x: jax.Array, size: int) -> jax.Array:
-    """[B, N*size, ...] -> [N, B, size, ...] (the scan axis first)."""
-    b, n = x.shape[0], x.shape[1] // size
-    return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+def _blocks(x: jax.Array, size: int, axis: int = 1) -> jax.Array:
+    """Blocks of `size` along `axis` first: e.g. [B, N*size, ...] -> [N, B, size, ...] (the scan axis)."""
+    n = x.shape[axis] // size
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
 
 
 def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -39,8 +39,8 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
     q [B, T, H, D], k/v [B, S, K, D], q_pos / q_seg [B, T], k_pos / k_valid / k_seg [B, S]. Any T
     and S: the last blocks are padded (padded keys are invalid, padded query rows are dropped).
     """
-    b, t, h, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    b, t, _, d = q.shape
+    s = k.shape[1]
     bq, bk = min(block_size, t), min(block_size, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     if k_valid is None:
@@ -49,15 +49,13 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
         q_seg, k_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
     scale = d ** -0.5
 
-    # Kv-head major ([B, K, G, bq, bk] scores, batch axes leading), as partials.dense_partial: XLA:CPU
-    # then runs each product as one batched GEMM and the masks and exponentials on its output
-    # without transposing it (the tiny model's 8k-token prompt read 2.4-2.7 -> 0.7-0.8 s, BENCHMARKS.md).
-    qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))  # [B,K,G,T,D]
-    qb = jnp.moveaxis(_pad(qh, 3, tp).reshape(b, kv_heads, h // kv_heads, tp // bq, bq, d), 3, 0)
+    # Kv-head major blocks ([B, K, G, bq, bk] scores), as partials.dense_partial (the tiny model's
+    # 8k-token prompt read 2.4-2.7 -> 0.7-0.8 s against [B, bq, K, G, bk], BENCHMARKS.md).
+    qh, kh, vh = head_major(q, k, v)
+    qb = _blocks(_pad(qh, 3, tp), bq, axis=3)  # [nq, B, K, G, bq, D]
     qpb = _blocks(_pad(q_pos, 1, tp), bq)  # [nq, B, bq]
     qsb = _blocks(_pad(q_seg, 1, tp), bq)
-    kb, vb = (jnp.moveaxis(_pad(jnp.swapaxes(a.astype(jnp.float32), 1, 2), 2, sp)
-                           .reshape(b, kv_heads, sp // bk, bk, d), 2, 0) for a in (k, v))  # [nk,B,K,bk,D]
+    kb, vb = (_blocks(_pad(a, 2, sp), bk, axis=2) for a in (kh, vh))  # [nk, B, K, bk, D]
     kpb = _blocks(_pad(k_pos, 1, sp), bk)
     kvb = _blocks(_pad(k_valid, 1, sp, False), bk)
     ksb = _blocks(_pad(k_seg, 1, sp), bk)
@@ -93,7 +91,6 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
 
     def unblock(x):  # [nq, B, K, G, bq, ...] -> [B, T, H, ...]
         x = jnp.moveaxis(x, 0, 3)  # [B, K, G, nq, bq, ...]
-        x = x.reshape(b, h, tp, *x.shape[5:])
-        return jnp.moveaxis(x, 1, 2)[:, :t]
+        return token_major(x.reshape(*x.shape[:3], tp, *x.shape[5:]))[:, :t]
 
     return Partial(unblock(o), unblock(m), unblock(l))

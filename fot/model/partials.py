@@ -38,6 +38,20 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
+def head_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, H, D], k / v [B, S, K, D] -> float32 [B, K, G, T, D] and [B, K, S, D]: kv-head major,
+    batch axes leading, the layout in which XLA:CPU runs attention's products as batched GEMMs and
+    the masks and exponentials on their output without transposing it."""
+    qh = jnp.transpose(group_queries(q, k.shape[2]).astype(jnp.float32), (0, 2, 3, 1, 4))
+    return qh, jnp.swapaxes(k.astype(jnp.float32), 1, 2), jnp.swapaxes(v.astype(jnp.float32), 1, 2)
+
+
+def token_major(a: jax.Array) -> jax.Array:
+    """[B, K, G, T, ...] -> [B, T, H, ...] (head_major's inverse for queries' results)."""
+    b, kv, g, t = a.shape[:4]
+    return jnp.moveaxis(a, 3, 1).reshape(b, t, kv * g, *a.shape[4:])
+
+
 def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                   query_block: int | None = None) -> Partial:
     """All-pairs partial. mask: bool broadcastable to [B, T, K, G, S] (usually [B, T, 1, 1, S]).
@@ -51,19 +65,15 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     visible to it: each block of that many queries reads only the keys up to its end, and the
     masked-out scores beyond are never computed (forward and backward).
     """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    t = q.shape[1]
     own_keys = k.shape[1] == t and mask is not None and mask.shape[1] == mask.shape[-1] == t
     if query_block is not None and not own_keys:
         raise ValueError(f"query_block needs the queries' own keys and a causal mask [B, T, 1, 1, T]: "
                          f"{t} queries, {k.shape[1]} keys, mask {None if mask is None else mask.shape}")
-    qh = jnp.transpose(group_queries(q, kv_heads).astype(jnp.float32), (0, 2, 3, 1, 4))
-    kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)  # [B, K, S, D]
-    vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
+    qh, kh, vh = head_major(q, k, v)
     mask = None if mask is None else jnp.moveaxis(mask, 1, 3)  # -> [B, K|1, G|1, T, S]
     o, m, l = _dense(qh, kh, vh, mask, query_block)
-    back = lambda a: jnp.moveaxis(a, 3, 1).reshape(b, t, h, *a.shape[4:])
-    return Partial(back(o), back(m), back(l))
+    return Partial(token_major(o), token_major(m), token_major(l))
 
 
 # The masked-out fills below are computed from the scores (min(s, NEG_INF) is NEG_INF and p * 0 is
