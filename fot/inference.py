@@ -1,8 +1,11 @@
 """Long inputs window by window with the FoT memory (LongLLaMA's semantics), generation, saved memory.
 
 A `Session` holds what has been read: the memory (fot.model.memory.store.Memory) and the local cache
-(unrotated keys/values of every layer, its positions being the slot indices, i.e. relative to the
-oldest cached token as in LongLLaMA's `rel_pos_ids = pos - min(pos)`).
+(keys/values of every layer, its positions being the slot indices, i.e. relative to the oldest
+cached token as in LongLLaMA's `rel_pos_ids = pos - min(pos)`). A slot's position stays fixed while
+the token is cached, so the cache holds keys rotated (a step rotates only its new ones), except in
+the memory layers of a session with memory, whose cached keys go to memory unrotated
+(`Llama.cache_rotated`).
 
 Reading N fresh tokens (`logits_long`, LongLLaMA's `_handle_long_input`): the prefix
 max(N - last_context_length, 0) is cut into windows; each window runs with local positions 0..T-1,
@@ -35,6 +38,7 @@ from flax import nnx
 
 from fot.model.memory import store as memlib
 from fot.model.memory.session import session_memory, to_memory
+from fot.model import rope
 from fot.model.llama import KV, DTYPES
 
 log = logging.getLogger(__name__)
@@ -151,6 +155,17 @@ class Session:
     def rope_len(self) -> int:
         return self._rope_len
 
+    def _cache_rotated(self) -> list[bool]:
+        return self.model.module.cache_rotated(self.retrieval is not None)
+
+    def _rotate_cache(self, k: np.ndarray, layers: list[bool]) -> jax.Array:
+        """Cached keys k [L, B, C, K, D] of the chosen layers rotated at their slot positions."""
+        pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), k.shape[1:3])
+        ctx = self.model.module.context(pos, pos, None, self.rope_len)
+        tables = rope.rope_tables(ctx.inv_freq, ctx.attention_factor, pos)
+        k = jnp.asarray(k)
+        return jnp.stack([rope.apply_rope(k[i], *tables) if r else k[i] for i, r in enumerate(layers)])
+
     def _mem_args(self):
         return self.memory.state, self.memory.index
 
@@ -263,6 +278,8 @@ class Session:
         meta = {"fingerprint": fingerprint(self.model), "filled": f, "cache_len": c,
                 "window": self.window, "last_context_length": self.last_context_length,
                 "batch": self.batch, "tokens_read": self.tokens_read,
+                "memory": self.retrieval is not None, "rope_len": self.rope_len,
+                "cache_rotated": self._cache_rotated(),
                 "dtypes": {k: str(v.dtype) for k, v in arrays.items()}}
         raw = {k: _to_storable(np.asarray(v)) for k, v in arrays.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +300,8 @@ class Session:
         if meta["fingerprint"] != mine:
             raise ValueError(f"{path}: this memory was built by a different model or memory config "
                              f"(fingerprint {meta['fingerprint'][:16]}..., this model {mine[:16]}...)")
-        s = cls(model, meta["batch"], meta["window"], meta["last_context_length"])
+        s = cls(model, meta["batch"], meta["window"], meta["last_context_length"],
+                memory=meta.get("memory", True), rope_len=meta.get("rope_len"))
         f, c = meta["filled"], meta["cache_len"]
         if f > s.memory.capacity:
             raise ValueError(f"{path}: holds {f} memory tokens, more than retrieval.capacity="
@@ -295,7 +313,10 @@ class Session:
                                               put(st.valid, arrays["valid"]), jnp.int32(f)))
         s.memory.filled = f
         s.memory.maybe_rebuild_index()
-        s.cache = KV(put(s.cache.k, arrays["cache_k"]), put(s.cache.v, arrays["cache_v"]))
+        # files saved before the cache held rotated keys hold them all unrotated
+        old = meta.get("cache_rotated", [False] * len(arrays["cache_k"]))
+        cache_k = s._rotate_cache(arrays["cache_k"], [r and not o for r, o in zip(s._cache_rotated(), old)])
+        s.cache = KV(put(s.cache.k, cache_k), put(s.cache.v, arrays["cache_v"]))
         s.cache_len = c
         s.tokens_read = meta["tokens_read"]
         return s

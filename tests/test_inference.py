@@ -179,6 +179,40 @@ def test_saved_memory_round_trip_and_reuse(tmp_path, mem_dtype):
         assert (saved == np.asarray(memlib.decode(mem.memory.state.keys[:, :, :, :n]))).all()
 
 
+def test_memory_saved_before_the_cache_held_rotated_keys_loads(tmp_path):
+    """Files written before the local cache held rotated keys hold every layer's keys unrotated
+    (and no memory / rope_len entries): loading them continues as the reference does."""
+    model = tiny()
+    ids = ids_of(3 * W + 5, seed=12)
+    ref = LongLlamaRef(model.module, W, LCL)
+    ref.long(ids)
+    path = model.save_memory(model.build_memory(ids), tmp_path / "new.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    for key in ("cache_rotated", "memory", "rope_len"):
+        del meta[key]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    arrays["cache_k"] = np.stack([k for k, _ in ref.cache]).astype(np.float32)  # unrotated
+    np.savez(tmp_path / "old.npz", **arrays)
+    s = model.load_memory(tmp_path / "old.npz")
+    tok = ids_of(1, seed=13)
+    assert np.abs(np.asarray(s.feed(tok))[:, -1] - ref.step(tok)[:, -1]).max() <= 1e-4
+
+
+def test_a_session_without_memory_saves_and_loads_as_it_was(tmp_path):
+    """memory=False and a rope_len for dynamic scaling come back with the saved session."""
+    model = tiny(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    ids, tok = ids_of(3 * W, seed=14), ids_of(2, seed=15)
+    s = Session(model, 1, window=4 * W, last_context_length=3 * W, memory=False, rope_len=4 * W)
+    s.feed(ids, out="none")
+    path = model.save_memory(s, tmp_path / "off.npz")
+    want = np.asarray(s.feed(tok))
+    loaded = model.load_memory(path)
+    assert loaded.retrieval is None and loaded.rope_len == 4 * W
+    assert np.abs(np.asarray(loaded.feed(tok)) - want).max() <= 1e-6
+
+
 def test_saved_memory_from_another_model_is_refused(tmp_path):
     path = tiny().save_memory(tiny().build_memory(ids_of(3 * W)), tmp_path / "m.npz")
     with pytest.raises(ValueError, match="different model"):

@@ -169,17 +169,25 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, ctx: LocalContext, past: KV | None = None, *,
-                 use_rope: bool = True, memory: Callable | None = None) -> tuple[jax.Array, KV]:
-        """One decoder layer. Returns the new hidden states and this call's unrotated keys/values."""
+                 use_rope: bool = True, memory: Callable | None = None,
+                 rotated_past: bool = False) -> tuple[jax.Array, KV]:
+        """One decoder layer. Returns the new hidden states and this call's keys/values in the form
+        `past` holds them: unrotated, or with `rotated_past` (a cache no memory reads; no `memory`)
+        rotated at their positions, so that a decoding step rotates its new keys only."""
         x = sharding.constrain(x, ("batch", "length", "act_embed"))  # no-op without a mesh
         q, k_new, v_new = self.self_attn.project(self.input_layernorm(x))
-        k, v = k_new, v_new
+        tables = lambda pos: rope.rope_tables(ctx.inv_freq, ctx.attention_factor, pos)  # noqa: E731
+        k_out = k_new
+        if use_rope and rotated_past:  # the new keys are the last of the local keys
+            k_out = rope.apply_rope(k_new, *tables(ctx.k_pos[:, ctx.k_pos.shape[1] - k_new.shape[1]:]))
+        k, v = k_out, v_new
         if past is not None:
             k = jnp.concatenate([past.k.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([past.v.astype(v.dtype), v], axis=1)
         if use_rope:
-            q = rope.apply_rope(q, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.q_pos))
-            k = rope.apply_rope(k, *rope.rope_tables(ctx.inv_freq, ctx.attention_factor, ctx.k_pos))
+            q = rope.apply_rope(q, *tables(ctx.q_pos))
+            if not rotated_past:
+                k = rope.apply_rope(k, *tables(ctx.k_pos))
         local = None
         if memory is not None and ctx.local_in_memory:
             local = (k, v, partials.causal_mask(ctx.q_pos, ctx.k_pos, ctx.k_valid, ctx.segments, ctx.segments))
@@ -194,7 +202,7 @@ class Block(nnx.Module):
         b, t = x.shape[:2]
         x = x + self.self_attn.o_proj(out.reshape(b, t, -1))
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return sharding.constrain(x, ("batch", "length", "act_embed")), KV(k_new, v_new)
+        return sharding.constrain(x, ("batch", "length", "act_embed")), KV(k_out, v_new)
 
 
 class Llama(nnx.Module):
@@ -237,6 +245,11 @@ class Llama(nnx.Module):
                 start = i + 1
         return segs
 
+    def cache_rotated(self, with_memory: bool) -> list[bool]:
+        """Per layer: whether a local cache (`run_layers`' past) holds its keys rotated, i.e. the
+        layer is in a run of plain layers; a memory layer standing alone keeps them unrotated."""
+        return [slot is None for start, stop, slot in self.segments(with_memory) for _ in range(start, stop)]
+
     def context(self, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None,
                 rope_len: int | None = None, segments: jax.Array | None = None,
                 training: bool = False) -> LocalContext:
@@ -276,7 +289,9 @@ class Llama(nnx.Module):
                    ) -> tuple[jax.Array, KV | None]:
         """All decoder layers. past: stacked [L, B, P, K, D] local cache or None.
 
-        Returns hidden states and, if collect_kv, this call's unrotated keys/values per layer [L, ...].
+        Returns hidden states and, if collect_kv, this call's keys/values per layer [L, ...], in the
+        form a cache holds them (`cache_rotated`): keys unrotated, except in runs of plain layers
+        given a `past`, whose cache holds them rotated at their positions.
         """
         # Each layer casts its kernels to the compute dtype at use. Cast here, before the runs take
         # their slices, XLA held a compute-dtype copy of every frozen kernel through the step: LoRA
@@ -285,9 +300,9 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES.get(self.cfg.remat_policy)
         kvs = []
 
-        def run_one(layer_state, h, p, use_rope=True, mem_fn=None):
+        def run_one(layer_state, h, p, use_rope=True, mem_fn=None, rotated=False):
             block = nnx.merge(graphdef, layer_state)
-            return block(h, ctx, p, use_rope=use_rope, memory=mem_fn)
+            return block(h, ctx, p, use_rope=use_rope, memory=mem_fn, rotated_past=rotated)
 
         for start, stop, slot in self.segments(memory is not None):
             seg_state = jax.tree.map(lambda a: a[start:stop], state)
@@ -307,7 +322,7 @@ class Llama(nnx.Module):
 
             def body(h, xs):
                 layer_state, p = xs
-                h, kv = run_one(layer_state, h, p)
+                h, kv = run_one(layer_state, h, p, rotated=past is not None)
                 return h, (kv if collect_kv else None)
 
             if policy is not None:
