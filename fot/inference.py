@@ -80,20 +80,26 @@ def _write(mem, k, v, n_valid):
     return memlib.write(mem, k, v, n_valid)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "retrieval", "out", "rope_len"),
+@partial(jax.jit, static_argnames=("graphdef", "retrieval", "out", "rope_len", "fresh"),
          donate_argnames=("cache",))
 def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cache_len, *, retrieval,
-                out, rope_len):
-    """Tokens after the local cache: queries at cache_len.., keys [cache | new], memory read only."""
+                out, rope_len, fresh):
+    """Tokens after the local cache: queries at cache_len.., keys [cache | new], memory read only.
+    `fresh`: the cache is empty (cache_len 0), so the keys are the tokens' own, as in a window
+    (padding comes after them: causal masking hides it)."""
     module = nnx.merge(graphdef, params)
     b, s = ids.shape
     p = cache.k.shape[2]
     q_pos = jnp.broadcast_to(cache_len + jnp.arange(s, dtype=jnp.int32), (b, s))
-    k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), q_pos], 1)
-    k_valid = jnp.concatenate([jnp.arange(p) < cache_len, jnp.arange(s) < n_valid])
-    ctx = module.context(q_pos, k_pos, jnp.broadcast_to(k_valid, (b, p + s)), rope_len)
-    x, kv = module.run_layers(module.embed(ids), ctx, past=cache,
-                              memory=session_memory(module, retrieval, mem, index), collect_kv=True)
+    if fresh:
+        ctx = dataclasses.replace(module.context(q_pos, q_pos, None, rope_len), by_index=True)
+    else:
+        k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), q_pos], 1)
+        k_valid = jnp.concatenate([jnp.arange(p) < cache_len, jnp.arange(s) < n_valid])
+        ctx = module.context(q_pos, k_pos, jnp.broadcast_to(k_valid, (b, p + s)), rope_len)
+    x, kv = module.run_layers(module.embed(ids), ctx, past=None if fresh else cache,
+                              memory=session_memory(module, retrieval, mem, index), collect_kv=True,
+                              rotated_cache=True)
     at = (0, 0, cache_len, 0, 0)
     cache = KV(jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), at),
                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), at))
@@ -216,7 +222,7 @@ class Session:
         state, index = self._mem_args()
         y, self.cache = _local_step(self.graphdef, self.params, state, index, padded, jnp.int32(n),
                                     tgt, self.cache, jnp.int32(self.cache_len), retrieval=self.retrieval,
-                                    out=out, rope_len=self.rope_len)
+                                    out=out, rope_len=self.rope_len, fresh=self.cache_len == 0)
         self.cache_len += n
         self.tokens_read += n
         return _trim(y, n, out)

@@ -285,13 +285,13 @@ class Llama(nnx.Module):
         return _project(self.norm(x), self.head_weight()).astype(jnp.float32)
 
     def run_layers(self, x: jax.Array, ctx: LocalContext, past: KV | None = None,
-                   memory: MemoryFn | None = None, collect_kv: bool = False
+                   memory: MemoryFn | None = None, collect_kv: bool = False, rotated_cache: bool = False
                    ) -> tuple[jax.Array, KV | None]:
         """All decoder layers. past: stacked [L, B, P, K, D] local cache or None.
 
-        Returns hidden states and, if collect_kv, this call's keys/values per layer [L, ...], in the
-        form a cache holds them (`cache_rotated`): keys unrotated, except in runs of plain layers
-        given a `past`, whose cache holds them rotated at their positions.
+        Returns hidden states and, if collect_kv, this call's keys/values per layer [L, ...]. Keys
+        are unrotated; with `rotated_cache` (`past`, if given, holds them so) the runs of plain
+        layers' are rotated at their positions (`cache_rotated`).
         """
         # Each layer casts its kernels to the compute dtype at use. Cast here, before the runs take
         # their slices, XLA held a compute-dtype copy of every frozen kernel through the step: LoRA
@@ -322,7 +322,7 @@ class Llama(nnx.Module):
 
             def body(h, xs):
                 layer_state, p = xs
-                h, kv = run_one(layer_state, h, p, rotated=past is not None)
+                h, kv = run_one(layer_state, h, p, rotated=rotated_cache)
                 return h, (kv if collect_kv else None)
 
             if policy is not None:
