@@ -100,9 +100,10 @@ def _local_step(graphdef, params, mem, index, ids, n_valid, targets, cache, cach
     x, kv = module.run_layers(module.embed(ids), ctx, past=None if fresh else cache,
                               memory=session_memory(module, retrieval, mem, index), collect_kv=True,
                               rotated_cache=True)
-    at = (0, 0, cache_len, 0, 0)
-    cache = KV(jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), at),
-               jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), at))
+    # A piece's padding may reach past the cache (it holds max(window, piece) tokens): dropped.
+    at = cache_len + jnp.arange(s)
+    cache = KV(cache.k.at[:, :, at].set(kv.k.astype(cache.k.dtype), mode="drop"),
+               cache.v.at[:, :, at].set(kv.v.astype(cache.v.dtype), mode="drop"))
     return _output(module.head(x), targets, n_valid, out), cache
 
 
@@ -145,11 +146,12 @@ class Session:
         self.batch = batch
         self.graphdef, self.params = nnx.split(model.module)
         m = cfg.model
-        cache_len = self.window + self.piece
-        shape = (m.num_hidden_layers, batch, cache_len, m.kv_heads, m.dim_per_head)
+        # The cache never holds more than a window (it moves first), or one piece longer than that.
+        size = max(self.window, self.piece)
+        shape = (m.num_hidden_layers, batch, size, m.kv_heads, m.dim_per_head)
         self.cache = KV(jnp.zeros(shape, DTYPES[m.dtype]), jnp.zeros(shape, DTYPES[m.dtype]))
         self.cache_len = 0
-        self.memory = memlib.Memory(m, self.memory_layers, cfg.retrieval, batch, max_write=cache_len)
+        self.memory = memlib.Memory(m, self.memory_layers, cfg.retrieval, batch, max_write=size)
         self.tokens_read = 0
 
     @property

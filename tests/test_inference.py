@@ -119,6 +119,21 @@ def test_generation_steps_match_reference_including_cache_move():
     assert streamed == tokens
 
 
+def test_pieces_that_fill_the_cache_to_the_window_match_reference():
+    """The cache holds a window: a padded piece ending exactly there (8 + 3 + 5 = 16 tokens) must
+    lose none of them, and the next token moves the whole cache to memory."""
+    model = tiny()
+    ids = ids_of(2 * W + 4, seed=16)
+    s = Session(model, 1)
+    ref = LongLlamaRef(model.module, W, LCL)
+    s.feed(ids, out="none")
+    ref.long(ids)
+    for n, seed in ((3, 17), (5, 18), (1, 19), (2, 20)):
+        piece = ids_of(n, seed=seed)
+        assert np.abs(np.asarray(s.feed(piece)) - ref.step(piece)).max() <= 1e-4
+    assert s.cache_len == 3 and s.memory.filled == 2 * W + 4 - LCL + W
+
+
 @pytest.mark.parametrize("layers,dtype", [((2,), "float32"), ((1,), "bfloat16")])
 def test_generate_after_long_prompt_equals_reading_every_logit(layers, dtype):
     """generate() reads the prompt's windows without outputs (XLA then drops the work only they
