@@ -17,8 +17,9 @@ go through the local cache: when it would exceed the window, the whole cache mov
 (memory layers) or is dropped (other layers), as the reference does during generation.
 
 Every call is one of two jitted steps of fixed shapes (a window [B, W]; a local piece [B, Lc] or one
-token [B, 1]); ragged pieces are padded at the end, which cannot change the real tokens' numbers
-(causal masking; padded keys are invalid and never written as valid memory).
+token [B, 1], after an empty cache or not); ragged pieces are padded at the end, which cannot
+change the real tokens' numbers (causal masking; padded keys are invalid and never written as
+valid memory or past the cache).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fot.model.memory import store as memlib
-from fot.model.memory.session import session_memory, to_memory
 from fot.model import rope
 from fot.model.llama import KV, DTYPES
+from fot.model.memory import store as memlib
+from fot.model.memory.session import session_memory, to_memory
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ class Session:
                                               put(st.valid, arrays["valid"]), jnp.int32(f)))
         s.memory.filled = f
         s.memory.maybe_rebuild_index()
-        # files saved before the cache held rotated keys hold them all unrotated
+        # Files saved before the cache held rotated keys hold them all unrotated.
         old = meta.get("cache_rotated", [False] * len(arrays["cache_k"]))
         cache_k = s._rotate_cache(arrays["cache_k"], [r and not o for r, o in zip(s._cache_rotated(), old)])
         s.cache = KV(put(s.cache.k, cache_k), put(s.cache.v, arrays["cache_v"]))

@@ -170,15 +170,15 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: LocalContext, past: KV | None = None, *,
                  use_rope: bool = True, memory: Callable | None = None,
-                 rotated_past: bool = False) -> tuple[jax.Array, KV]:
+                 rotated_cache: bool = False) -> tuple[jax.Array, KV]:
         """One decoder layer. Returns the new hidden states and this call's keys/values in the form
-        `past` holds them: unrotated, or with `rotated_past` (a cache no memory reads; no `memory`)
+        `past` holds them: unrotated, or with `rotated_cache` (a cache no memory reads; no `memory`)
         rotated at their positions, so that a decoding step rotates its new keys only."""
         x = sharding.constrain(x, ("batch", "length", "act_embed"))  # no-op without a mesh
         q, k_new, v_new = self.self_attn.project(self.input_layernorm(x))
         tables = lambda pos: rope.rope_tables(ctx.inv_freq, ctx.attention_factor, pos)  # noqa: E731
         k_out = k_new
-        if use_rope and rotated_past:  # the new keys are the last of the local keys
+        if use_rope and rotated_cache:  # the new keys are the last of the local keys
             k_out = rope.apply_rope(k_new, *tables(ctx.k_pos[:, ctx.k_pos.shape[1] - k_new.shape[1]:]))
         k, v = k_out, v_new
         if past is not None:
@@ -186,7 +186,7 @@ class Block(nnx.Module):
             v = jnp.concatenate([past.v.astype(v.dtype), v], axis=1)
         if use_rope:
             q = rope.apply_rope(q, *tables(ctx.q_pos))
-            if not rotated_past:
+            if not rotated_cache:
                 k = rope.apply_rope(k, *tables(ctx.k_pos))
         local = None
         if memory is not None and ctx.local_in_memory:
@@ -302,7 +302,7 @@ class Llama(nnx.Module):
 
         def run_one(layer_state, h, p, use_rope=True, mem_fn=None, rotated=False):
             block = nnx.merge(graphdef, layer_state)
-            return block(h, ctx, p, use_rope=use_rope, memory=mem_fn, rotated_past=rotated)
+            return block(h, ctx, p, use_rope=use_rope, memory=mem_fn, rotated_cache=rotated)
 
         for start, stop, slot in self.segments(memory is not None):
             seg_state = jax.tree.map(lambda a: a[start:stop], state)
