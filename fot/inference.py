@@ -170,8 +170,7 @@ class Session:
     def _rotate_cache(self, k: np.ndarray, layers: list[bool]) -> jax.Array:
         """Cached keys k [L, B, C, K, D] of the chosen layers rotated at their slot positions."""
         pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), k.shape[1:3])
-        ctx = self.model.module.context(pos, pos, None, self.rope_len)
-        tables = rope.rope_tables(ctx.inv_freq, ctx.attention_factor, pos)
+        tables = rope.rope_tables(*rope.rope_frequencies(self.model.config.model, self.rope_len), pos)
         k = jnp.asarray(k)
         return jnp.stack([rope.apply_rope(k[i], *tables) if r else k[i] for i, r in enumerate(layers)])
 

@@ -179,7 +179,7 @@ class Block(nnx.Module):
         tables = lambda pos: rope.rope_tables(ctx.inv_freq, ctx.attention_factor, pos)  # noqa: E731
         k_out = k_new
         if use_rope and rotated_cache:  # the new keys are the last of the local keys
-            k_out = rope.apply_rope(k_new, *tables(ctx.k_pos[:, ctx.k_pos.shape[1] - k_new.shape[1]:]))
+            k_out = rope.apply_rope(k_new, *tables(ctx.k_pos[:, -k_new.shape[1]:]))
         k, v = k_out, v_new
         if past is not None:
             k = jnp.concatenate([past.k.astype(k.dtype), k], axis=1)
