@@ -102,21 +102,24 @@ def build(keys: np.ndarray, valid: np.ndarray, clusters: int, probe: int, iters:
     return FaissIndex(jnp.int32(handle), jnp.int32(n), host)
 
 
-def _search_host(handle, slot, q, *, k: int):
-    indexes = _LIVE[int(handle)].indexes[int(slot)]
-    scores = np.full(q.shape[:3] + (k,), NEG_INF, np.float32)
-    ids = np.zeros(q.shape[:3] + (k,), np.int32)
+def _search_host(handle, q, *, slot: int, k: int):
+    """faiss's search of every row and kv head. pure_callback hands over jax Arrays: q is read as
+    one NumPy array, not indexed by a JAX op per row and head."""
+    indexes = _LIVE[int(handle)].indexes[slot]
+    q = np.asarray(q)
+    scores = np.empty(q.shape[:3] + (k,), np.float32)
+    ids = np.empty(q.shape[:3] + (k,), np.int64)
     for row in range(q.shape[0]):
         for head in range(q.shape[1]):
-            s, i = indexes[row][head].search(np.ascontiguousarray(q[row, head]), k)
-            found = i >= 0  # fewer than k keys in the probed lists
-            scores[row, head] = np.where(found, s, NEG_INF)
-            ids[row, head] = np.where(found, i, 0)
-    return scores, ids
+            indexes[row][head].search(np.ascontiguousarray(q[row, head]), k, D=scores[row, head], I=ids[row, head])
+    missing = ids < 0  # fewer than k keys in the probed lists
+    if missing.any():
+        scores[missing], ids[missing] = NEG_INF, 0
+    return scores, ids.astype(np.int32)
 
 
 def search(index: FaissIndex, qh: jax.Array, slot: int, k: int) -> tuple[jax.Array, jax.Array]:
     """Approximate top-k inner products of queries qh [B, K, Q, D] with memory layer `slot`'s keys:
     (scores, slots) [B, K, Q, k]; missing candidates score NEG_INF."""
     out = jax.ShapeDtypeStruct(qh.shape[:3] + (k,), jnp.float32), jax.ShapeDtypeStruct(qh.shape[:3] + (k,), jnp.int32)
-    return jax.pure_callback(partial(_search_host, k=k), out, index.handle, jnp.int32(slot), qh.astype(jnp.float32))
+    return jax.pure_callback(partial(_search_host, slot=slot, k=k), out, index.handle, qh.astype(jnp.float32))
