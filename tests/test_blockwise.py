@@ -97,6 +97,9 @@ def test_model_switches_to_blockwise_above_threshold():
     positions = jnp.broadcast_to(jnp.arange(45), (2, 45))
     assert auto.context(positions, positions, None).impl == "blockwise"
     assert auto.context(positions[:, :32], positions[:, :32], None).impl == "plain"
+    # by the scores' size: one query (a decoding step) over 45 keys stays plain, 23 do not (> 32 * 32)
+    assert auto.context(positions[:, -1:], positions, None).impl == "plain"
+    assert auto.context(positions[:, -23:], positions, None).impl == "blockwise"
     assert np.abs(np.asarray(plain(ids)) - np.asarray(auto(ids))).max() <= 1e-5
 
 

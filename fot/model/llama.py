@@ -261,7 +261,9 @@ class Llama(nnx.Module):
         inv_freq, af = rope.rope_frequencies(self.cfg, rope_len or s)
         impl = self.cfg.attention
         if impl == "auto" or impl == "s2" and not training:
-            impl = "blockwise" if s > self.cfg.blockwise_threshold else "plain"
+            # By the scores' size: a window of more than blockwise_threshold tokens, but not a
+            # decoding step's few queries over a long cache (one dense row is cheaper than a block loop).
+            impl = "blockwise" if q_pos.shape[1] * s > self.cfg.blockwise_threshold ** 2 else "plain"
         if training and impl in ("plain", "blockwise") and ring.sequence_shards() > 1:
             impl = "ring"
         return LocalContext(q_pos, k_pos, k_valid, jnp.asarray(inv_freq), af, impl,
