@@ -124,10 +124,10 @@ class ModelConfig:
     # dots (save matmul outputs), dots_no_batch (save matmuls without batch dims). On a CPU a train
     # step under remat is also compiled in XLA's memory-optimised op order (fot.train.MEMORY_SCHEDULE).
     remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Attention kernel: auto picks blockwise above the scores (queries x keys) of a window of
-    # `blockwise_threshold` tokens, so a decoding step stays plain, else plain; s2:
-    # LongLoRA's shifted sparse attention in training steps (groups of s2_group_size tokens), auto
-    # everywhere else.
+    # Attention kernel: auto picks blockwise where a layer's scores (queries x keys) outnumber a
+    # `blockwise_threshold`-token window's, else plain (a decoding step over a long cache stays
+    # plain); s2: LongLoRA's shifted sparse attention in training steps (groups of s2_group_size
+    # tokens), auto everywhere else.
     attention: Literal["auto", "plain", "blockwise", "cudnn", "s2"] = "auto"
     s2_group_size: int | None = None
     blockwise_threshold: int = 4096
