@@ -355,6 +355,8 @@ def collective_counts(hlo_text: str, scope: str | None = None) -> dict[str, int]
 #
 # How: the crossbatch code calls `previous_rows((k, v), R)` while the trainer has set the mesh
 # (`with jax.set_mesh(mesh):`); with kv heads split over tensor each device sends only its heads.
+# A small memory layer (read unrolled) whose rows all read rows of their own pack, each shard
+# holding whole packs, needs no halo and sends none (`crossbatch.reads_previous_shard`).
 #
 # With mesh.sequence > 1 the window's tokens are split too: the local attention runs as ring
 # attention (fot/model/ring.py), and each query reads the whole windows of its context rows, so

@@ -82,7 +82,7 @@ from fot.data.pipeline import BatchStream, merge_states
 from fot.data.sources import DataError, open_source
 from fot.data.tokenizer import load_tokenizer
 from fot.metrics import last_loss
-from fot.model.memory.crossbatch import crossbatch_memory
+from fot.model.memory.crossbatch import crossbatch_memory, reads_previous_shard
 from fot.model import lora
 from fot.model.loss import linear_cross_entropy
 from fot.model.llama import Llama, abstract_model
@@ -584,7 +584,9 @@ def dry_run(cfg: Config) -> dict:
     seconds = time.perf_counter() - t0
     hlo = compiled.as_text()
     mem_layers = len(cfg.memory.layers) if tr.cross_batch_range else 0
-    halo = mem_layers if sharding.batch_shards(mesh) > 1 else 0
+    halo = mem_layers * reads_previous_shard(
+        plan.micro, cfg.model.num_attention_heads, plan.window, tr.pack_size, tr.cross_batch_range,
+        tr.stepping, sharding.batch_shards(mesh))
     report = {
         "mesh": dict(mesh.shape), "devices": mesh.size, "compile_seconds": seconds,
         "params": plan.param_count(), "trainable_params": plan.param_count(trainable_only=True),

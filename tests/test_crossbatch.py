@@ -255,3 +255,17 @@ def test_document_mask_through_the_model():
     # document 2 in row 3: its later tokens in row 3, and all of pack 1's rows 1 and 2 (negatives)
     got = changed(3, 10)
     assert got == {(3, c) for c in range(10, t)} | {(r, c) for r in (5, 6) for c in range(t)}
+
+
+@pytest.mark.parametrize("pack,r,stepping", [(4, 2, True), (4, 3, True), (4, 3, False), (2, 1, True),
+                                             (3, 5, True), (4, 1, False)])
+def test_the_previous_shard_is_read_when_a_row_reads_across_shards(pack, r, stepping):
+    """`reads_previous_shard` for a small (unrolled) layer, 2 shards of 2 whole packs each, against
+    the rows each row reads by the module docstring's definition (b-1 .. b-n(b)+1)."""
+    b, shards = 4 * pack, 2
+    per = b // shards
+    extra = extra_contexts(b, pack, r, stepping)
+    crosses = any((row - j) // per != row // per for row in range(b) for j in range(1, extra[row] + 1))
+    assert crossbatch.reads_previous_shard(b, 2, 8, pack, r, stepping, shards) == crosses
+    assert not crossbatch.reads_previous_shard(b, 2, 8, pack, r, stepping, 1)
+    assert crossbatch.reads_previous_shard(b, 2, 4096, pack, r, stepping, shards)  # a scanned layer: always

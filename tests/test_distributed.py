@@ -88,6 +88,21 @@ def test_eight_devices_train_like_one(runs):
         np.testing.assert_allclose(p8[k], p1[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+def test_rows_reading_their_own_pack_take_no_halo(tmp_path):
+    """R=2, k=4, stepping: pack rows read 0, 1, 2, 2 rows, all of their own pack, so on data=2
+    (whole packs per shard) the small memory layer sends no collective permute and trains as on
+    one device."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "steps": 3, "cross_batch_range": 2}}))
+    assert main([str(cfg), f"train.run_dir={tmp_path / 'one'}", "--no-progress"]) == 0
+    proc = cli(str(cfg), f"train.run_dir={tmp_path / 'two'}", "mesh.data=2", devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_losses_equal(losses(tmp_path / "two"), losses(tmp_path / "one"), (1, 2, 3))
+    dry = cli(str(cfg), "--dry-run", "mesh.data=2", devices=2)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "collective-permutes 0 (expected 0" in dry.stdout and "CROSSBATCH LAYOUT says" in dry.stdout
+
+
 def _resumable_copy(src: Path, dst: Path, step: int) -> Path:
     """`src` as it was right after the checkpoint of `step` (later checkpoints, logs, model gone)."""
     shutil.copytree(src, dst)

@@ -53,6 +53,29 @@ UNROLL_BYTES = 32 * 2**20
 row_partial = jax.checkpoint(partials.dense_partial)
 
 
+def unrolls(batch: int, heads: int, window: int) -> bool:
+    """Whether a memory layer of these sizes reads its sources unrolled (`UNROLL_BYTES`)."""
+    return batch * heads * window * window * 4 <= UNROLL_BYTES
+
+
+def in_pack(first: list[int]) -> list[bool]:
+    """Per source r = 1..R (`first_readers`): whether every row that reads row b - r reads a row of
+    its own pack (its pack row is at least r)."""
+    return [c >= i for i, c in enumerate(first, start=1)]
+
+
+def reads_previous_shard(batch: int, heads: int, window: int, pack_size: int, cross_batch_range: int,
+                         stepping: bool, batch_shards: int) -> bool:
+    """Whether a memory layer's crossbatch takes rows from the previous batch shard (the one halo
+    collective permute each way of fot/sharding.py CROSSBATCH LAYOUT): not on one shard, and not
+    in an unrolled layer whose rows all read rows of their own pack, each shard holding whole packs."""
+    if cross_batch_range == 0 or batch_shards == 1:
+        return False
+    if batch % (pack_size * batch_shards) or not unrolls(batch, heads, window):
+        return True
+    return not all(in_pack(first_readers(pack_size, cross_batch_range, stepping)))
+
+
 def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepping: bool):
     """A `memory` callback for `Llama.run_layers` (see fot/model/llama.py MemoryFn), or None for R=0
     (plain windows, the "no crossbatch" ablation)."""
@@ -76,19 +99,21 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
 
     def fn(slot, q, k_new, v_new, local=None):
         k = as_if_first(module, ctx, k_new)
-        # [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the mask); on a mesh
-        # this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
-        # Every query reads whole rows: with mesh.sequence > 1 they are all-gathered here, once
-        # (the row scan below would otherwise gather each row again when it is recomputed).
-        whole = [sharding.constrain(a, ("batch", None, None, "act_kv_heads", "head_dim"))
-                 for a in sharding.previous_rows((k, v_new), r)]
-        pk, pv = checkpoint_name(whole, MEMORY_FETCH)
         vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
-        if b * q.shape[2] * t * t * 4 <= UNROLL_BYTES:
-            sources = [(pk[:, i], pv[:, i], vis[i], c) for i, c in enumerate(first)]
+        if unrolls(b, q.shape[2], t):
+            # A source read only within packs (`in_pack`) is sliced from k and v (whole rows, as
+            # `_previous` gives them), not from previous_rows' shifted copies: no copy, nor its
+            # backward pad and sum, nor a halo from the previous batch shard (the tiny model: all
+            # its sources; crossbatch 12-14% -> 9-10% of its step, docs/performance.md item 14).
+            own = in_pack(first)
+            kw, vw = (sharding.constrain(a, ("batch", None, "act_kv_heads", "head_dim")) for a in (k, v_new))
+            pk, pv = (None, None) if all(own) else _previous(kw, vw, r)
+            sources = [(kw, vw, vis[i], c, i + 1) if own[i] else (pk[:, i], pv[:, i], vis[i], c, 0)
+                       for i, c in enumerate(first)]
             if local is not None:  # ctx.local_in_memory: the local window is a source too
-                sources.insert(0, (local[0].astype(pk.dtype), local[1].astype(pv.dtype), local[2], 0))
+                sources.insert(0, (local[0].astype(k.dtype), local[1].astype(v_new.dtype), local[2], 0, 0))
             return [_skipping(q, *s, pack_size) for s in sources], gate_of(module, slot)
+        pk, pv = _previous(k, v_new, r)
         # One source at a time (a scan, each source's scores recomputed in the backward pass): the
         # layer never holds [B, H, T, R*T] scores, the 110M step's largest temporaries. Given the
         # local window (ctx.local_in_memory), it is the scan's first source, so the backward pass
@@ -123,6 +148,16 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
     return fn
 
 
+def _previous(k, v, r: int):
+    """Keys and values [B, R, T, K, D] with [:, r-1] = row b-r (zeros before row 0, hidden by the
+    mask); on a mesh this is one collective permute of R rows (fot/sharding.py CROSSBATCH LAYOUT).
+    Every query reads whole rows: with mesh.sequence > 1 they are all-gathered here, once (the row
+    scan would otherwise gather each row again when it is recomputed)."""
+    whole = [sharding.constrain(a, ("batch", None, None, "act_kv_heads", "head_dim"))
+             for a in sharding.previous_rows((k, v), r)]
+    return checkpoint_name(whole, MEMORY_FETCH)
+
+
 def first_readers(pack_size: int, cross_batch_range: int, stepping: bool) -> list[int]:
     """[R]: the first row of a pack that reads row b - r (r = 1..R), from `extra_contexts` of a
     pack far enough into the batch (with stepping, a pack's first rows read fewer rows)."""
@@ -139,12 +174,13 @@ def _pack_row(a, j: int | None, pack_size: int, axis: int = 0):
     return jnp.take(a.reshape(*a.shape[:axis], packs, pack_size, *a.shape[axis + 1:]), j, axis=axis + 1)
 
 
-def _skipping(q, k, v, mask, c: int, pack_size: int) -> partials.Partial:
-    """The dense partial of the rows c.. of each pack; rows 0..c-1 see nothing."""
+def _skipping(q, k, v, mask, c: int, shift: int, pack_size: int) -> partials.Partial:
+    """The dense partial of the rows c.. of each pack, which read the keys and values of the rows
+    `shift` before them (c >= shift); rows 0..c-1 see nothing."""
     if c == 0:
         return partials.dense_partial(q, k, v, mask)
-    read = lambda a: a.reshape(-1, pack_size, *a.shape[1:])[:, c:].reshape(-1, *a.shape[1:])  # noqa: E731
-    got = partials.dense_partial(read(q), read(k), read(v), read(mask))
+    read = lambda a, s=0: a.reshape(-1, pack_size, *a.shape[1:])[:, c - s:pack_size - s].reshape(-1, *a.shape[1:])  # noqa: E731
+    got = partials.dense_partial(read(q), read(k, shift), read(v, shift), read(mask))
 
     def pad(a, fill):
         a = a.reshape(-1, pack_size - c, *a.shape[1:])
