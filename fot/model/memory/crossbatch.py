@@ -179,6 +179,7 @@ def _skipping(q, k, v, mask, c: int, shift: int, pack_size: int) -> partials.Par
     `shift` before them (c >= shift); rows 0..c-1 see nothing."""
     if c == 0:
         return partials.dense_partial(q, k, v, mask)
+
     def read(a, s=0):
         return a.reshape(-1, pack_size, *a.shape[1:])[:, c - s:pack_size - s].reshape(-1, *a.shape[1:])
     got = partials.dense_partial(read(q), read(k, shift), read(v, shift), read(mask))
