@@ -104,7 +104,7 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
             # A source read only within packs (`in_pack`) is sliced from k and v (whole rows, as
             # `_previous` gives them), not from previous_rows' shifted copies: no copy, nor its
             # backward pad and sum, nor a halo from the previous batch shard (the tiny model: all
-            # its sources; crossbatch 12-14% -> 9-10% of its step, docs/performance.md item 14).
+            # its sources: ~1.5 ms less per step, docs/performance.md item 14).
             own = in_pack(first)
             kw, vw = (sharding.constrain(a, ("batch", None, "act_kv_heads", "head_dim")) for a in (k, v_new))
             pk, pv = (None, None) if all(own) else _previous(kw, vw, r)
