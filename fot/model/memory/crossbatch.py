@@ -53,12 +53,17 @@ UNROLL_BYTES = 32 * 2**20
 row_partial = jax.checkpoint(partials.dense_partial)
 
 
-def unrolls(batch: int, heads: int, window: int) -> bool:
+def _unrolls(batch: int, heads: int, window: int) -> bool:
     """Whether a memory layer of these sizes reads its sources unrolled (`UNROLL_BYTES`)."""
     return batch * heads * window * window * 4 <= UNROLL_BYTES
 
 
-def in_pack(first: list[int]) -> list[bool]:
+def _whole_packs(batch: int, pack_size: int, batch_shards: int) -> bool:
+    """Whether every batch shard holds whole packs (see `crossbatch_memory`)."""
+    return batch % (pack_size * batch_shards) == 0
+
+
+def _in_pack(first: list[int]) -> list[bool]:
     """Per source r = 1..R (`first_readers`): whether every row that reads row b - r reads a row of
     its own pack (its pack row is at least r)."""
     return [c >= i for i, c in enumerate(first, start=1)]
@@ -71,9 +76,9 @@ def reads_previous_shard(batch: int, heads: int, window: int, pack_size: int, cr
     in an unrolled layer whose rows all read rows of their own pack, each shard holding whole packs."""
     if cross_batch_range == 0 or batch_shards == 1:
         return False
-    if batch % (pack_size * batch_shards) or not unrolls(batch, heads, window):
+    if not (_whole_packs(batch, pack_size, batch_shards) and _unrolls(batch, heads, window)):
         return True
-    return not all(in_pack(first_readers(pack_size, cross_batch_range, stepping)))
+    return not all(_in_pack(first_readers(pack_size, cross_batch_range, stepping)))
 
 
 def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepping: bool):
@@ -94,18 +99,18 @@ def crossbatch_memory(module, ctx, cross_batch_range: int, pack_size: int, stepp
     # Row b - r is read only by the rows of each pack from first[r-1] on; the others are skipped,
     # not masked, when every batch shard holds whole packs (else the packs' rows would be resharded).
     mesh = sharding.ambient_mesh()
-    whole_packs = b % (pack_size * (1 if mesh is None else sharding.batch_shards(mesh))) == 0
+    whole_packs = _whole_packs(b, pack_size, 1 if mesh is None else sharding.batch_shards(mesh))
     first = first_readers(pack_size, r, stepping) if whole_packs else [0] * r
 
     def fn(slot, q, k_new, v_new, local=None):
         k = as_if_first(module, ctx, k_new)
         vis = jnp.moveaxis(visible.reshape(*visible.shape[:2], r, t), 2, 0)[:, :, :, None, None, :]
-        if unrolls(b, q.shape[2], t):
-            # A source read only within packs (`in_pack`) is sliced from k and v (whole rows, as
+        if _unrolls(b, q.shape[2], t):
+            # A source read only within packs (`_in_pack`) is sliced from k and v (whole rows, as
             # `_previous` gives them), not from previous_rows' shifted copies: no copy, nor its
             # backward pad and sum, nor a halo from the previous batch shard (the tiny model: all
             # its sources: ~1.5 ms less per step, docs/performance.md item 14).
-            own = in_pack(first)
+            own = _in_pack(first)
             kw, vw = (sharding.constrain(a, ("batch", None, "act_kv_heads", "head_dim")) for a in (k, v_new))
             pk, pv = (None, None) if all(own) else _previous(kw, vw, r)
             sources = [(kw, vw, vis[i], c, i + 1) if own[i] else (pk[:, i], pv[:, i], vis[i], c, 0)
