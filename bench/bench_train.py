@@ -10,10 +10,11 @@ per step (fot.flops.train_flops_per_token x tokens; masked attention scores, the
 elementwise work are not counted) / median step time; the ratio divides it by
 fot.flops.measure_matmul_flops (a 2048^3 float32 matmul, best of 5) measured in this same process
 right before. Models: configs/tiny.yaml as it is, and without crossbatch; with both, crossbatch's
-share of the step is measured again with the two steps alternating one by one in this process
-(3 x --steps each: one tiny step is ~0.1 s, and the shared machine's load drifts); configs/100m.yaml with one pack of 4 windows of 1024 tokens per
-step and float32 compute (bfloat16 matmuls are slower than float32 ones on CPUs), without and with
-full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one
+share of the step is measured again right after them with the two steps alternating one by one
+in this process (--pair-rounds rounds: one tiny step is ~0.06 s, and the shared machine's load
+drifts): the median of the paired differences, with a 95% bootstrap interval; configs/100m.yaml
+with one pack of 4 windows of 1024 tokens per step and float32 compute (bfloat16 matmuls are
+slower than float32 ones on CPUs), without and with full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one
 model per process to read a model's own.
 """
 
@@ -99,26 +100,35 @@ def bench(name: str, steps: int) -> dict:
             "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def crossbatch_pair(steps: int) -> tuple[float, float]:
-    """Median seconds of the tiny step with and without crossbatch, alternating in one process."""
+def crossbatch_pair(rounds: int) -> dict:
+    """The tiny step with and without crossbatch, alternating one by one in one process for
+    `rounds` rounds: crossbatch's share = the median of the rounds' paired differences over the
+    median step with it, and a 95% bootstrap interval of that median (the pairs cancel the shared
+    machine's drift, which moves both steps alike)."""
     pair = []
     for name in ("tiny", "tiny-nocb"):
         cfg = load_config(*MODELS[name])
         pair.append(FotStep(cfg, random_ids(cfg)))
     times = ([], [])
-    for i in range(steps + 1):
+    for i in range(rounds + 1):
         for step, out in zip(pair, times):
             t0 = time.perf_counter()
             step()
             if i:  # the first round is the warm-up
                 out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    with_cb, without = (np.asarray(t) for t in times)
+    diff = with_cb - without
+    medians = np.median(diff[np.random.default_rng(0).integers(0, rounds, (2000, rounds))], axis=1)
+    lo, hi = np.percentile(medians, [2.5, 97.5]) / np.median(with_cb)
+    return {"with_s": float(np.median(with_cb)), "without_s": float(np.median(without)),
+            "share": float(np.median(diff) / np.median(with_cb)), "lo": float(lo), "hi": float(hi)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    ap.add_argument("--pair-rounds", type=int, default=100, help="alternating rounds of crossbatch's pair")
     args = ap.parse_args(argv)
     devices = jax.devices()
     print(f"jax {jax.__version__}, {len(devices)} {devices[0].device_kind} device(s), "
@@ -134,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['gflop_step']:.1f} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
               f"{r['achieved'] / 1e9:.1f} | {r['matmul'] / 1e9:.1f} | {r['ratio']:.2f} | {r['rss_gib']:.2f} |",
               flush=True)
-    if {"tiny", "tiny-nocb"} <= medians.keys():
-        with_cb, without = crossbatch_pair(3 * args.steps)
-        print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%} "
-              f"(one after the other); {1 - without / with_cb:.1%} alternating step by step "
-              f"({with_cb:.3f} s with, {without:.3f} s without)")
+        if {"tiny", "tiny-nocb"} <= medians.keys() and name in ("tiny", "tiny-nocb"):
+            # right away, before larger models leave this process's heap and caches behind
+            cb = crossbatch_pair(args.pair_rounds)
+            print(f"crossbatch share of the tiny step: {1 - medians['tiny-nocb'] / medians['tiny']:.1%} "
+                  f"(one after the other); {cb['share']:.1%} (95% interval {cb['lo']:.1%}-{cb['hi']:.1%}) "
+                  f"alternating step by step, {args.pair_rounds} rounds ({cb['with_s']:.4f} s with, "
+                  f"{cb['without_s']:.4f} s without)", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
