@@ -12,10 +12,11 @@ number of lists and probes (inner product, trained on every key) on the keys the
 Data: `clustered` (default) = a Gaussian mixture with n/1024 centres (blobs larger than k),
 queries near random centres: the structure IVF relies on; `gaussian` = isotropic keys and queries
 (no structure: IVF's worst case).
-Each time is the best of 5 runs after a warm-up (the three IVF searches: of 9 rounds that run them
-one after the other, on the first seed's indexes); the IVF index builds are timed apart. IVF
-recalls and build times are means over `--seeds` index builds (k-means seeds 1, 2, ...; the JAX
-build's first includes its compilation): one seed's recall varies by ~0.002 at 262k keys.
+Each time is the best of 5 runs after a warm-up (the three IVF searches: of 31 rounds that run
+them one after the other, on the first seed's indexes; faiss IVF's time over fot's also as the
+median of the rounds' ratios, with a 95% bootstrap interval); the IVF index builds are timed
+apart. IVF recalls and build times are means over `--seeds` index builds (k-means seeds 1, 2, ...;
+the JAX build's first includes its compilation): one seed's recall varies by ~0.002 at 262k keys.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.stats import median_interval
 from fot.model.memory import faiss_ivf
 from fot.model.memory import store as M
 
 Q, K, D = 256, 128, 64
 IVF = {16384: (64, 8), 65536: (256, 8), 262144: (1024, 8)}  # n -> (clusters, probed lists)
+ROUNDS = 31  # of the three IVF searches one after the other
 
 
 def data(n: int, kind: str, seed: int = 0):
@@ -55,9 +58,9 @@ def best_of(f, runs: int = 5) -> float:
     return best
 
 
-def interleaved(fns, rounds: int = 9) -> list[float]:
-    """Best time of each function over `rounds` rounds that call them one after the other: the
-    shared machine's load drifts, so the searches compared share it."""
+def interleaved(fns, rounds: int = ROUNDS) -> list[np.ndarray]:
+    """Each function's times over `rounds` rounds that call them one after the other: the shared
+    machine's load drifts, so the searches compared share it."""
     for f in fns:
         f()
     times = [[] for _ in fns]
@@ -66,7 +69,7 @@ def interleaved(fns, rounds: int = 9) -> list[float]:
             t0 = time.perf_counter()
             f()
             out.append(time.perf_counter() - t0)
-    return [min(t) for t in times]
+    return [np.asarray(t) for t in times]
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -84,9 +87,10 @@ def main(argv=None) -> int:
     print(f"data: {a.data}; {Q} queries, top-{K}, dim {D}; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads")
     print("| keys | faiss FlatIP ms | exact ms | faiss IVF ms | ivf (faiss) ms | faiss IVF / ivf (faiss) | "
-          "ivf (jax) ms | faiss IVF / ivf (jax) | faiss IVF recall | ivf (faiss) recall | ivf (jax) recall | "
+          "the same, rounds' median (95% interval) | ivf (jax) ms | faiss IVF / ivf (jax) | "
+          "faiss IVF recall | ivf (faiss) recall | ivf (jax) recall | "
           "exact recall | clusters/probe | faiss IVF build s | ivf (faiss) build s | ivf (jax) build s |")
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 17)
     for n in [int(x) for x in a.sizes.split(",")]:
         keys, queries = data(n, a.data)
         index = faiss.IndexFlatIP(D)
@@ -132,10 +136,13 @@ def main(argv=None) -> int:
         rec = {name: np.mean([recall(np.asarray(f()), truth) for _, f in b]) for name, b in builds.items()}
         build_s = {name: np.mean([t for t, _ in b]) for name, b in builds.items()}
         first = [b[0][1] for b in builds.values()]
-        t_fivf, t_x, t_ivf = interleaved([lambda f=f: jax.block_until_ready(f()) for f in first])
+        rounds = interleaved([lambda f=f: jax.block_until_ready(f()) for f in first])
+        t_fivf, t_x, t_ivf = (min(t) for t in rounds)
+        paired = median_interval(rounds[0] / rounds[1])  # faiss IVF / ivf (faiss), round by round
         print(f"| {n} | {1e3 * t_faiss:.1f} | {1e3 * t_exact:.1f} | {1e3 * t_fivf:.1f} | {1e3 * t_x:.1f} | "
-              f"{t_fivf / t_x:.2f}x | {1e3 * t_ivf:.1f} | {t_fivf / t_ivf:.2f}x | {rec['faiss']:.4f} | "
-              f"{rec['fot-faiss']:.4f} | {rec['jax']:.4f} | {recall(exact_ids, truth):.4f} | {clusters}/{probe} "
+              f"{t_fivf / t_x:.2f}x | {paired[0]:.2f}x ({paired[1]:.2f}-{paired[2]:.2f}) | "
+              f"{1e3 * t_ivf:.1f} | {t_fivf / t_ivf:.2f}x | {rec['faiss']:.4f} | {rec['fot-faiss']:.4f} | "
+              f"{rec['jax']:.4f} | {recall(exact_ids, truth):.4f} | {clusters}/{probe} "
               f"(cap {cap}) | {build_s['faiss']:.1f} | {build_s['fot-faiss']:.1f} | {build_s['jax']:.1f} |",
               flush=True)
     return 0

@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from bench.stats import median_interval
 from fot import flops, sharding
 from fot.config import MeshConfig, load_config
 from fot.train import StepPlan
@@ -117,11 +118,9 @@ def crossbatch_pair(rounds: int) -> dict:
             if i:  # the first round is the warm-up
                 out.append(time.perf_counter() - t0)
     with_cb, without = (np.asarray(t) for t in times)
-    diff = with_cb - without
-    medians = np.median(diff[np.random.default_rng(0).integers(0, rounds, (2000, rounds))], axis=1)
-    lo, hi = np.percentile(medians, [2.5, 97.5]) / np.median(with_cb)
+    share, lo, hi = (float(d / np.median(with_cb)) for d in median_interval(with_cb - without))
     return {"with_s": float(np.median(with_cb)), "without_s": float(np.median(without)),
-            "share": float(np.median(diff) / np.median(with_cb)), "lo": float(lo), "hi": float(hi)}
+            "share": share, "lo": lo, "hi": hi}
 
 
 def main(argv: list[str] | None = None) -> int:
