@@ -79,3 +79,39 @@ def test_query_blocks_refuse_keys_that_are_not_the_queries_own():
         partials.dense_partial(q, q[:, :6], q[:, :6], jnp.ones((1, 8, 1, 1, 6), bool), query_block=4)
     with pytest.raises(ValueError, match="query_block needs"):
         partials.dense_partial(q, q, q, jnp.ones((1, 1, 1, 1, 8), bool), query_block=4)
+
+
+
+def test_a_query_that_sees_no_key_of_a_source_takes_nothing_from_it():
+    # Source A: a query sees A's key j iff mask[r, t, j]; queries 0 and 3 of row 0 see none of them.
+    # Source B: all keys visible. The merged softmax against PyTorch float64 over the visible keys.
+    rng = np.random.default_rng(7)
+    b, t, h, d, s = 2, 5, 2, 4, 6
+    arrays = [rng.standard_normal(shape) for shape in ((b, t, h, d), (b, s, h, d), (b, s, h, d),
+                                                       (b, 3, h, d), (b, 3, h, d))]
+    mask = rng.random((b, t, s)) < 0.5
+    mask[0, [0, 3]] = False
+    probe = rng.standard_normal((b, t, h, d))
+
+    def source_a(q, ka, va):
+        return partials.dense_partial(q, ka, va, jnp.asarray(mask)[:, :, None, None, :])
+
+    def fot(q, ka, va, kb, vb):
+        return partials.combine([source_a(q, ka, va), partials.dense_partial(q, kb, vb, None)], jnp.float32)
+
+    x = [jnp.asarray(a, jnp.float32) for a in arrays]
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(fot(*a) * probe), argnums=(0, 1, 2, 3, 4)))(*x)
+    a = jax.jit(source_a)(*x[:3])
+    assert np.all(np.asarray(a.o)[0, [0, 3]] == 0) and np.all(np.asarray(a.l)[0, [0, 3]] == 0)
+
+    ref_in = [torch.tensor(v, requires_grad=True) for v in arrays]
+    q, ka, va, kb, vb = ref_in
+    keys, values = torch.cat([ka, kb], 1), torch.cat([va, vb], 1)
+    visible = torch.cat([torch.tensor(mask), torch.ones(b, t, 3, dtype=torch.bool)], 2)  # [B, T, S + 3]
+    scores = torch.einsum("bthd,bshd->bhts", q, keys) / d ** 0.5
+    ref = torch.einsum("bhts,bshd->bthd",
+                       torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), -1), values)
+    (ref * torch.tensor(probe)).sum().backward()
+    np.testing.assert_allclose(np.asarray(jax.jit(fot)(*x)), ref.detach().numpy(), rtol=0, atol=ATOL)
+    for g, r in zip(grads, ref_in):
+        np.testing.assert_allclose(np.asarray(g), r.grad.numpy(), rtol=0, atol=ATOL)

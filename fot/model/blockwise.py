@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fot.model.partials import NEG_INF, Partial, empty, head_major, token_major
+from fot.model.partials import NEG_INF, Partial, empty, head_major, masked_exp, token_major
 
 
 def _pad(x: jax.Array, axis: int, to: int, value=0) -> jax.Array:
@@ -70,9 +70,7 @@ def blockwise_partial(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
             sc = jnp.einsum("bkgtd,bksd->bkgts", qi, kj) * scale
             sc = jnp.where(mask[:, None, None], sc, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-            # Masked scores give exp(NEG_INF - m) = 0, also in rows with nothing visible yet (m_new
-            # NEG_INF): the floor keeps their exponent at -0.9e30, so no second select is needed.
-            p = jnp.exp(sc - jnp.maximum(m_new, NEG_INF / 10)[..., None])
+            p = masked_exp(sc, m_new)
             c_old = jnp.exp(m - m_new)
             l_new = l * c_old + jnp.sum(p, axis=-1)
             o_new = o * c_old[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p, vj)

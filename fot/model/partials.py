@@ -76,8 +76,8 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return Partial(token_major(o), token_major(m), token_major(l))
 
 
-# The masked-out fills below are computed from the scores (min(s, NEG_INF) is NEG_INF and p * 0 is
-# 0 for any finite s and p), not written as constants: constant fills ended up outside the layer
+# The masked-out fill below is computed from the scores (min(s, NEG_INF) is NEG_INF for any finite
+# s), not written as a constant: constant fills ended up outside the layer
 # scans as two score-sized broadcasts that lived through the backward pass (0.36 GiB of the ~110M
 # step's plan; not XLA's loop-invariant code motion, whose pass off changed nothing; docs/scaling.md).
 def _probs(qh, kh, mask):
@@ -88,9 +88,11 @@ def _probs(qh, kh, mask):
     return s, jnp.max(s, axis=-1)
 
 
-def _exp(s, m, mask):
-    p = jnp.exp(s - m[..., None])
-    return p if mask is None else jnp.where(mask, p, p * 0.0)  # rows with nothing visible: zeros
+def masked_exp(s, m):
+    """exp(s - m) for scores masked to NEG_INF and their row max m: masked scores give 0, also in
+    rows with nothing visible (m NEG_INF), whose max is floored at NEG_INF / 10 here (exponents
+    of -0.9e30), so no second select over the scores is needed."""
+    return jnp.exp(s - jnp.maximum(m, NEG_INF / 10)[..., None])
 
 
 def _blocks(t: int, query_block: int | None):
@@ -119,7 +121,7 @@ def _dense(qh, kh, vh, mask, query_block):
     for rows, keys in _blocks(qh.shape[3], query_block):
         mk = _at(_at(mask, rows, -2), keys, -1)
         s, m = _probs(_at(qh, rows, 3), _at(kh, keys, 2), mk)
-        p = _exp(s, m, mk)
+        p = masked_exp(s, m)
         out.append((jnp.einsum("bkgts,bksd->bkgtd", p, _at(vh, keys, 2)), m, jnp.sum(p, axis=-1)))
     return tuple(_joined(list(a), 3) for a in zip(*out))
 
@@ -138,8 +140,7 @@ def _dense_bwd(query_block, res, cts):
     for rows, keys in _blocks(qh.shape[3], query_block):
         mk, q_b, do_b = _at(_at(mask, rows, -2), keys, -1), _at(qh, rows, 3), _at(do, rows, 3)
         k_b, v_b = _at(kh, keys, 2), _at(vh, keys, 2)
-        s, _ = _probs(q_b, k_b, mk)
-        p = _exp(s, _at(m, rows, 3), mk)
+        p = masked_exp(_probs(q_b, k_b, mk)[0], _at(m, rows, 3))
         dp = jnp.einsum("bkgtd,bksd->bkgts", do_b, v_b)
         ds = p * (dp + _at(dl, rows, 3)[..., None]) * qh.shape[-1] ** -0.5
         dq.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k_b))
