@@ -14,8 +14,8 @@ share of the step is measured right after them, with the two steps alternating o
 in this process (--pair-rounds rounds: one tiny step is ~0.06 s, and the shared machine's load
 drifts): the median of the paired differences, with a 95% bootstrap interval; configs/100m.yaml
 with one pack of 4 windows of 1024 tokens per step and float32 compute (bfloat16 matmuls are
-slower than float32 ones on CPUs), without and with full remat (and blockwise local attention). Peak RSS is the process's so far (ru_maxrss): run one
-model per process to read a model's own.
+slower than float32 ones on CPUs), without and with full remat (and blockwise local attention).
+Peak RSS is the process's so far (ru_maxrss): run one model per process to read a model's own.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             cb = crossbatch_pair(args.pair_rounds)
             # (not from the two rows above, each model's steps on their own: 1-34% on this host)
             print(f"crossbatch share of the tiny step: {cb['share']:.1%} (95% interval {cb['lo']:.1%}-"
-                  f"{cb['hi']:.1%}), alternating step by step, {args.pair_rounds} rounds ({cb['with_s']:.4f} s "
-                  f"with, {cb['without_s']:.4f} s without)", flush=True)
+                  f"{cb['hi']:.1%}), alternating step by step, {args.pair_rounds} rounds "
+                  f"({cb['with_s']:.4f} s with, {cb['without_s']:.4f} s without)", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -81,7 +81,6 @@ def test_query_blocks_refuse_keys_that_are_not_the_queries_own():
         partials.dense_partial(q, q, q, jnp.ones((1, 1, 1, 1, 8), bool), query_block=4)
 
 
-
 def test_a_query_that_sees_no_key_of_a_source_takes_nothing_from_it():
     # Source A: a query sees A's key j iff mask[r, t, j]; queries 0 and 3 of row 0 see none of them.
     # Source B: all keys visible. The merged softmax against PyTorch float64 over the visible keys.

@@ -77,9 +77,9 @@ def dense_partial(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
 
 # The masked-out fill below is computed from the scores (min(s, NEG_INF) is NEG_INF for any finite
-# s), not written as a constant: constant fills ended up outside the layer
-# scans as two score-sized broadcasts that lived through the backward pass (0.36 GiB of the ~110M
-# step's plan; not XLA's loop-invariant code motion, whose pass off changed nothing; docs/scaling.md).
+# s), not written as a constant: constant fills ended up outside the layer scans as two score-sized
+# broadcasts that lived through the backward pass (0.36 GiB of the ~110M step's plan; not XLA's
+# loop-invariant code motion, whose pass off changed nothing; docs/scaling.md).
 def _probs(qh, kh, mask):
     """Scores [B, K, G, T, S] (masked to NEG_INF) and their row max."""
     s = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * qh.shape[-1] ** -0.5
