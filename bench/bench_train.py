@@ -84,7 +84,9 @@ def bench(name: str, steps: int) -> dict:
     cfg = load_config(path, overrides)
     ids = random_ids(cfg)
     step = FotStep(cfg, ids)
-    matmul = flops.measure_matmul_flops(flops.MATMUL_N)
+    # not the cached figure: each model its own reference, measured right before its steps (one
+    # cached sample read 112.8 GFLOP/s in a `make bench`, other processes 187-215, BENCHMARKS.md)
+    matmul = flops.measure_matmul_flops.__wrapped__(flops.MATMUL_N)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
